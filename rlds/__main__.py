@@ -1,0 +1,5 @@
+import sys
+
+from rlds.cli import main
+
+sys.exit(main())

@@ -1,0 +1,82 @@
+"""Advantages from terminal rewards: the paper's global batch normalisation, and two options.
+
+- batch: (r - mean) / (std + 1e-7) over the whole global batch, all workers (the paper);
+- per_prompt: DDPO's running statistics per prompt, falling back to batch statistics until a
+  prompt has been seen `min_count` times;
+- group: GRPO-style, normalised within each group of images that share a prompt in this batch.
+All are clamped to +-clip. `task_ids` normalises each task's samples on their own (multi-task).
+"""
+from __future__ import annotations
+
+from collections import defaultdict, deque
+from typing import Optional
+
+import numpy as np
+
+EPS = 1e-7
+
+
+def normalise(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return (x - x.mean()) / (x.std() + EPS)
+
+
+def batch_advantages(rewards: np.ndarray) -> np.ndarray:
+    return normalise(rewards)
+
+
+def group_advantages(rewards: np.ndarray, group_ids: np.ndarray) -> np.ndarray:
+    rewards = np.asarray(rewards, dtype=np.float64)
+    out = np.zeros_like(rewards)
+    for g in np.unique(group_ids):
+        mask = group_ids == g
+        out[mask] = normalise(rewards[mask])
+    return out
+
+
+class PerPromptStatTracker:
+    """Running reward statistics per prompt (the last `buffer_size` rewards of each)."""
+
+    def __init__(self, buffer_size: int, min_count: int):
+        self.buffer_size, self.min_count = buffer_size, min_count
+        self.buffers: dict[int, deque] = defaultdict(lambda: deque(maxlen=self.buffer_size))
+
+    def update(self, prompt_ids: np.ndarray, rewards: np.ndarray) -> np.ndarray:
+        rewards = np.asarray(rewards, dtype=np.float64)
+        out = np.empty_like(rewards)
+        for pid in np.unique(prompt_ids):
+            self.buffers[int(pid)].extend(rewards[prompt_ids == pid].tolist())
+        for pid in np.unique(prompt_ids):
+            mask = prompt_ids == pid
+            buf = np.asarray(self.buffers[int(pid)])
+            ref = buf if len(buf) >= self.min_count else rewards
+            out[mask] = (rewards[mask] - ref.mean()) / (ref.std() + EPS)
+        return out
+
+    def state_dict(self) -> dict:
+        return {str(k): list(v) for k, v in self.buffers.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.buffers.clear()
+        for k, v in state.items():
+            self.buffers[int(k)].extend(v)
+
+
+def compute_advantages(rewards: np.ndarray, mode: str, clip: float, prompt_ids: np.ndarray,
+                       group_ids: Optional[np.ndarray] = None, task_ids: Optional[np.ndarray] = None,
+                       tracker: Optional[PerPromptStatTracker] = None) -> np.ndarray:
+    rewards = np.asarray(rewards, dtype=np.float64)
+    if task_ids is None:
+        task_ids = np.zeros(len(rewards), dtype=np.int64)
+    out = np.zeros_like(rewards)
+    for task in np.unique(task_ids):
+        m = task_ids == task
+        if mode == "batch":
+            out[m] = batch_advantages(rewards[m])
+        elif mode == "group":
+            out[m] = group_advantages(rewards[m], group_ids[m])
+        elif mode == "per_prompt":
+            out[m] = tracker.update(prompt_ids[m], rewards[m])
+        else:
+            raise ValueError(f"unknown advantage mode {mode!r}")
+    return np.clip(out, -clip, clip).astype(np.float32)

@@ -1,0 +1,75 @@
+"""Checkpoints: trainable weights and optimizer state in safetensors, the rest in JSON.
+
+A checkpoint folder `checkpoints/iter_NNNNNN/` holds:
+- `trainable.safetensors`: the trained parameters (the full UNet, or only the LoRA weights);
+- `optimizer.safetensors`: AdamW's moments and step counts (hyper-parameters in its metadata);
+- `state.json`: the iteration to continue from, the samples seen, the per-prompt statistics.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load, load_file, save
+
+from rlds.policy.pipeline import load_trainable_state_dict, trainable_state_dict
+
+
+def trainable_bytes(module: torch.nn.Module) -> bytes:
+    return save(trainable_state_dict(module))
+
+
+def load_trainable_bytes(module: torch.nn.Module, data: bytes, where: str = "checkpoint") -> None:
+    load_trainable_state_dict(module, load(data), where)
+
+
+def optimizer_bytes(optimizer: torch.optim.Optimizer) -> bytes:
+    sd = optimizer.state_dict()
+    tensors = {f"{idx}.{k}": torch.as_tensor(v).cpu().contiguous()
+               for idx, s in sd["state"].items() for k, v in s.items()}
+    return save(tensors, metadata={"param_groups": json.dumps(sd["param_groups"])})
+
+
+def load_optimizer_bytes(optimizer: torch.optim.Optimizer, data: bytes) -> None:
+    tensors = load(data)
+    header_len = int.from_bytes(data[:8], "little")
+    metadata = json.loads(data[8:8 + header_len]).get("__metadata__", {})
+    state: dict = {}
+    for key, value in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": json.loads(metadata["param_groups"])})
+
+
+def save_checkpoint(folder: Path, trainable: bytes, optimizer: bytes, state: dict) -> Path:
+    # Written aside, then renamed: a crash never leaves half a checkpoint under the final name.
+    tmp = folder.with_name(folder.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "trainable.safetensors").write_bytes(trainable)
+    (tmp / "optimizer.safetensors").write_bytes(optimizer)
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    tmp.rename(folder)
+    return folder
+
+
+def read_checkpoint(folder: str | Path) -> tuple[bytes, bytes, dict]:
+    folder = Path(folder)
+    needed = ["trainable.safetensors", "optimizer.safetensors", "state.json"]
+    missing = [n for n in needed if not (folder / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"checkpoint {folder}: missing {', '.join(missing)}")
+    return ((folder / "trainable.safetensors").read_bytes(), (folder / "optimizer.safetensors").read_bytes(),
+            json.loads((folder / "state.json").read_text()))
+
+
+def load_trainable_file(module: torch.nn.Module, folder: str | Path) -> None:
+    path = Path(folder) / "trainable.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {folder}: no trainable.safetensors")
+    load_trainable_state_dict(module, load_file(path), str(path))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = sorted((run_dir / "checkpoints").glob("iter_*[0-9]"))
+    return found[-1] if found else None

@@ -1,0 +1,105 @@
+"""The `rlds` command."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = "tiny"
+
+
+def resolve_config(name: str) -> str:
+    """A config file path, or the name of a config shipped in configs/ (e.g. `tiny`)."""
+    if Path(name).is_file():
+        return name
+    for candidate in (CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"):
+        if candidate.is_file():
+            return str(candidate)
+    shipped = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))) or "none found"
+    raise SystemExit(f"rlds: config not found: {name} (a YAML file, or one of: {shipped})")
+
+
+def split_overrides(args: list[str]) -> tuple[str, list[str]]:
+    """`rlds train [CONFIG] [key=value ...]`: the config is the one argument without '='."""
+    config = [a for a in args if "=" not in a]
+    if len(config) > 1:
+        raise SystemExit(f"rlds: give one config file, then key=value overrides; got {config}")
+    return (config[0] if config else DEFAULT_CONFIG), [a for a in args if "=" in a]
+
+
+def cmd_train(args) -> int:
+    from rlds.config import load_config
+    from rlds.trainer import Trainer
+
+    name, overrides = split_overrides(args.args)
+    config = load_config(resolve_config(name), tuple(overrides))
+    run_dir = Trainer(config, progress=not args.no_progress).run()
+    print(f"run folder: {run_dir}")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from rlds.config import load_config
+    from rlds.sample import read_prompts, sample_images
+
+    name, overrides = split_overrides(args.args)
+    config = load_config(resolve_config(name), tuple(overrides))
+    out = sample_images(config, read_prompts(args.prompts), Path(args.out), args.checkpoint, args.seed,
+                        args.num_per_prompt, progress=not args.no_progress)
+    print(f"wrote {out}/images.jsonl")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rlds", description="Reinforcement learning for text-to-image diffusion models, on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser(
+        "train", help="train a policy; writes a run folder",
+        description="Train with RL. CONFIG is a YAML file or a shipped config name "
+                    f"(default: {DEFAULT_CONFIG}); key=value pairs override any config key, e.g. "
+                    "`rlds train configs/tiny.yaml iterations=50 replay.max_staleness=1 learner.num_workers=2`. "
+                    "Joins the Ray cluster in RAY_ADDRESS (or one started with `ray start`), else starts one.")
+    train.add_argument("args", nargs="*", metavar="CONFIG | key=value")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(func=cmd_train)
+
+    sample = sub.add_parser(
+        "sample", help="write images from the base model or a checkpoint",
+        description="Sample images with the same loader as training: one PNG per image and images.jsonl "
+                    "(file, prompt, seed). Image k of a prompt uses seed SEED + k.")
+    sample.add_argument("args", nargs="*", metavar="CONFIG | key=value")
+    sample.add_argument("--prompts", required=True, help="a file of prompts (one a line) or one prompt's text")
+    sample.add_argument("--out", required=True, help="output folder")
+    sample.add_argument("--checkpoint", help="a checkpoint folder (runs/.../checkpoints/iter_N); default: base model")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--num-per-prompt", type=int, default=1)
+    sample.add_argument("--no-progress", action="store_true")
+    sample.set_defaults(func=cmd_sample)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rlds.config import ConfigError
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Positionals after an option (`rlds train tiny --no-progress iterations=5`) come back as extra.
+    unknown = [a for a in extra if a.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.args = list(getattr(args, "args", [])) + extra
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"rlds: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""LearnerGroup: N learner actors in one torch.distributed group, DDP over the trainable weights.
+
+The driver computes advantages once over the global batch; each rank gets an equal share of the
+sampler batches, runs the K-step update, and rank 0 publishes the new weights with a version.
+"""
+from __future__ import annotations
+
+import socket
+import time
+from datetime import timedelta
+
+import numpy as np
+import ray
+from ray.util.placement_group import placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from rlds.config import Config
+
+
+@ray.remote
+class LearnerActor:
+    def __init__(self, rank: int, world_size: int, config: Config, weight_store):
+        import torch
+        from ray.util import metrics
+
+        torch.set_num_threads(config.torch_threads)
+        self.rank, self.world_size, self.config = rank, world_size, config
+        self.weight_store = weight_store
+        self.device = "cuda" if ray.get_gpu_ids() else "cpu"
+        self.update_hist = metrics.Histogram("rlds_learner_update_s", "Seconds per policy update",
+                                             boundaries=[0.1, 0.3, 1, 3, 10, 30, 100])
+        self.publish_hist = metrics.Histogram("rlds_weight_publish_s", "Seconds to publish weights",
+                                              boundaries=[0.001, 0.01, 0.1, 1, 10])
+
+    def address(self) -> tuple[str, int]:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def setup(self, master: tuple[str, int], backend: str | None) -> int:
+        import torch
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
+
+        from rlds.algo import make_optimizer
+        from rlds.policy import load_policy
+        from rlds.policy.pipeline import DTYPES
+
+        backend = backend or ("nccl" if self.device == "cuda" else "gloo")
+        dist.init_process_group(backend, init_method=f"tcp://{master[0]}:{master[1]}",
+                                rank=self.rank, world_size=self.world_size, timeout=timedelta(minutes=10))
+        self.policy = load_policy(self.config.model, self.device)
+        self.dtype = DTYPES[self.config.model.dtype] if self.device != "cpu" else torch.float32
+        self.policy.scheduler.set_timesteps(self.config.sampling.num_steps)
+        # DDP broadcasts rank 0's weights at construction, so every rank starts identical.
+        self.ddp = DistributedDataParallel(self.policy.unet)
+        self.params = [p for p in self.policy.unet.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(self.params, self.config.algo)
+        return sum(p.numel() for p in self.params)
+
+    def load_state(self, trainable: bytes, optimizer: bytes) -> None:
+        from rlds.checkpoint import load_optimizer_bytes, load_trainable_bytes
+
+        load_trainable_bytes(self.policy.unet, trainable)
+        load_optimizer_bytes(self.optimizer, optimizer)
+
+    def state(self) -> tuple[bytes, bytes]:
+        from rlds.checkpoint import optimizer_bytes, trainable_bytes
+
+        return trainable_bytes(self.policy.unet), optimizer_bytes(self.optimizer)
+
+    def publish(self, version: int) -> float:
+        from rlds.policy import flatten_trainable
+
+        start = time.perf_counter()
+        ref = ray.put(flatten_trainable(self.policy.unet))
+        ray.get(self.weight_store.publish.remote(version, [ref]))
+        elapsed = time.perf_counter() - start
+        self.publish_hist.observe(elapsed)
+        return elapsed
+
+    def update(self, wrapped_refs: list, advantages: list, iteration: int) -> dict:
+        from dataclasses import replace
+
+        from rlds.algo import lr_factor, ppo_update
+
+        import torch
+        import torch.distributed as dist
+
+        start = time.perf_counter()
+        try:
+            trajectories = ray.get([w[0] for w in wrapped_refs])
+            lost = 0
+        except ray.exceptions.ObjectLostError:  # its sampler died after handing it on
+            trajectories, lost = None, 1
+        # Every rank must skip together, or the others would wait in all-reduce for ever.
+        flag = torch.tensor([lost], dtype=torch.int64)
+        dist.all_reduce(flag)
+        if flag.item():
+            return {"lost": 1}
+        fetch_s = time.perf_counter() - start
+        cfg = self.config.algo
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.learning_rate * lr_factor(cfg, iteration, self.config.iterations)
+        rng = np.random.default_rng([self.config.seed, iteration, self.rank])
+        train_policy = replace(self.policy, unet=self.ddp)
+        stats = ppo_update(train_policy, trajectories, advantages, self.optimizer, cfg, rng,
+                           no_sync=self.ddp.no_sync, dtype=self.dtype)
+        stats.pop("steps")
+        stats["lr"] = self.optimizer.param_groups[0]["lr"]
+        stats["time/fetch_s"] = fetch_s
+        if self.rank == 0:
+            stats["time/publish_s"] = self.publish(iteration + 1)
+        stats["time/update_s"] = time.perf_counter() - start
+        self.update_hist.observe(stats["time/update_s"])
+        return stats
+
+    def shutdown(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class LearnerGroup:
+    """The driver's handle on the learner ranks; placement keeps them together."""
+
+    def __init__(self, config: Config, weight_store):
+        lc = config.learner
+        self.size = lc.num_workers
+        bundle = {"CPU": lc.num_cpus}
+        if lc.num_gpus:
+            bundle["GPU"] = lc.num_gpus
+        self.pg = placement_group([dict(bundle) for _ in range(self.size)], strategy="PACK")
+        ray.get(self.pg.ready(), timeout=config.ray.actor_timeout_s)
+        self.actors = [
+            LearnerActor.options(
+                num_cpus=lc.num_cpus, num_gpus=lc.num_gpus,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=self.pg, placement_group_bundle_index=rank),
+            ).remote(rank, self.size, config, weight_store)
+            for rank in range(self.size)]
+        timeout = config.ray.actor_timeout_s
+        master = ray.get(self.actors[0].address.remote(), timeout=timeout)
+        counts = ray.get([a.setup.remote(master, lc.backend) for a in self.actors], timeout=timeout)
+        self.num_trainable = counts[0]
+
+    def update(self, traj_refs: list, advantages: np.ndarray, batch_sizes: list[int],
+               iteration: int) -> list[ray.ObjectRef]:
+        """Split the global batch's sampler batches evenly over the ranks; returns the calls."""
+        offsets = np.cumsum([0] + batch_sizes)
+        per_rank = len(traj_refs) // self.size
+        calls = []
+        for rank, actor in enumerate(self.actors):
+            lo, hi = rank * per_rank, (rank + 1) * per_rank
+            advs = [advantages[offsets[i]:offsets[i + 1]] for i in range(lo, hi)]
+            calls.append(actor.update.remote(traj_refs[lo:hi], advs, iteration))
+        return calls
+
+    def publish(self, version: int) -> None:
+        ray.get(self.actors[0].publish.remote(version))
+
+    def state(self):
+        return self.actors[0].state.remote()
+
+    def load_state(self, trainable: bytes, optimizer: bytes) -> None:
+        ray.get([a.load_state.remote(trainable, optimizer) for a in self.actors])
+
+    def shutdown(self) -> None:
+        done, _ = ray.wait([a.shutdown.remote() for a in self.actors], num_returns=self.size, timeout=30)
+        for a in self.actors:
+            ray.kill(a)
+        ray.util.remove_placement_group(self.pg)
+

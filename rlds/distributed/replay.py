@@ -1,0 +1,203 @@
+"""ReplayStore: references to scored trajectories, bounded, with a staleness gate.
+
+Samplers reserve room for a batch before they sample it. A reservation is granted only if the
+store has room (backpressure) and the batch will be trained while the sampler's weights are at most
+`max_staleness` versions old. With `max_staleness: 0` this is the paper's synchronous loop: the
+samplers fill exactly one batch with the current weights, then wait for the next version.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import ray
+
+
+# Every way a sample can leave without being trained; each is counted (and reported, even at 0).
+DROP_REASONS = ("stale", "reward_failed", "reward_timeout", "nan_reward", "sampler_died", "lost_in_flight")
+
+
+@dataclass
+class Entry:
+    """One sampler batch: the trajectory reference, its scores and what the learner needs to know."""
+    sampler: str  # the actor id of the sampler that made (and owns) it
+    traj_ref: ray.ObjectRef
+    version: int
+    prompt_ids: np.ndarray
+    group_ids: np.ndarray
+    scores: dict[str, np.ndarray] = field(default_factory=dict)
+    created: float = field(default_factory=time.time)
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+
+@ray.remote(num_cpus=0)
+class ReplayStore:
+    def __init__(self, batch_size: int, capacity: int, max_staleness: int, reward_timeout_s: float):
+        from ray.util import metrics
+
+        self.batch_size, self.capacity = batch_size, capacity
+        self.max_staleness, self.reward_timeout_s = max_staleness, reward_timeout_s
+        self.learner_version = 0
+        self.consumed = 0  # samples handed to the learner so far
+        self.reserved: Counter = Counter()  # sampler -> samples promised
+        self.pending = 0  # samples waiting for their scores
+        self.dead: set[str] = set()  # samplers whose objects are gone
+        self.ready: list[Entry] = []
+        self.drops: Counter = Counter()  # reason -> samples
+        self.added = 0
+        self.closed = False
+        self.ids = itertools.count()
+        self.tasks: set[asyncio.Task] = set()
+        self.changed = asyncio.Condition()
+        self.depth_gauge = metrics.Gauge("rlds_replay_depth", "Samples reserved, scoring or ready")
+        self.drop_counter = metrics.Counter("rlds_drops", "Samples dropped, by reason", tag_keys=("reason",))
+        self.lag_hist = metrics.Histogram("rlds_policy_lag", "Learner version minus behaviour version",
+                                          boundaries=[0.5, 1.5, 2.5, 4.5, 8.5])
+        self.score_hist = metrics.Histogram("rlds_score_wait_s", "Seconds from add to scored",
+                                            boundaries=[0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30])
+
+    # ----------------------------------------------------------- samplers
+
+    def in_flight(self) -> int:
+        return sum(self.reserved.values()) + self.pending + sum(len(e) for e in self.ready)
+
+    async def reserve(self, sampler: str, n: int, version: int) -> str:
+        """'ok' (sample n now), 'wait' (full, or the batch would be too stale) or 'stop'."""
+        if self.closed:
+            return "stop"
+        in_flight = self.in_flight()
+        if in_flight + n > self.capacity:
+            return "wait"
+        trained_at = (self.consumed + in_flight) // self.batch_size  # the iteration that takes it
+        if trained_at - version > self.max_staleness:
+            return "wait"
+        self.reserved[sampler] += n
+        self._gauge()
+        return "ok"
+
+    async def add(self, sampler: str, wrapped_traj: list, wrapped_scores: dict, version: int,
+            prompt_ids: np.ndarray, group_ids: np.ndarray) -> None:
+        entry = Entry(sampler, wrapped_traj[0], version, prompt_ids, group_ids)
+        n = len(entry)
+        self.reserved[sampler] = max(0, self.reserved[sampler] - n)
+        self.pending += n
+        self.added += n
+        task = asyncio.create_task(self._await_scores(entry, wrapped_scores))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _await_scores(self, entry: Entry, wrapped_scores: dict) -> None:
+        reason = None
+        try:
+            names = list(wrapped_scores)
+            refs = [wrapped_scores[k][0] for k in names]
+            values = await asyncio.wait_for(asyncio.gather(*refs), self.reward_timeout_s)
+            entry.scores = {k: np.asarray(v, dtype=np.float32) for k, v in zip(names, values)}
+            if any(not np.all(np.isfinite(v)) for v in entry.scores.values()):
+                reason = "nan_reward"
+        except asyncio.TimeoutError:
+            reason = "reward_timeout"
+        except Exception:  # a reward actor raised or died: counted, never silently lost
+            reason = "reward_failed"
+        async with self.changed:
+            self.pending -= len(entry)
+            if reason is None and entry.sampler in self.dead:
+                reason = "sampler_died"
+            if reason is None:
+                self.ready.append(entry)
+                self.score_hist.observe(time.time() - entry.created)
+            else:
+                self._drop(reason, len(entry))
+            self._gauge()
+            self.changed.notify_all()
+
+    async def release(self, sampler: str) -> int:
+        """A sampler died: its reservations and its trajectories (it owned them) are gone."""
+        self.dead.add(sampler)
+        n = self.reserved.pop(sampler, 0)
+        lost = [e for e in self.ready if e.sampler == sampler]
+        self.ready = [e for e in self.ready if e.sampler != sampler]
+        n += sum(len(e) for e in lost)
+        if n:
+            self._drop("sampler_died", n)
+        self._gauge()
+        return n
+
+    async def batch_lost(self, n: int) -> None:
+        """A handed-out batch could not be trained (its sampler died): count it, and refill it."""
+        self.consumed -= n
+        self._drop("lost_in_flight", n)
+
+    # ----------------------------------------------------------- learner
+
+    async def get_batch(self, learner_version: int, timeout_s: float) -> Optional[dict]:
+        """A full batch no staler than max_staleness, or None after timeout_s (nothing consumed)."""
+        self.learner_version = learner_version
+        deadline = time.monotonic() + timeout_s
+        async with self.changed:
+            while True:
+                self._drop_stale()
+                if sum(len(e) for e in self.ready) >= self.batch_size:
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                try:
+                    await asyncio.wait_for(self.changed.wait(), left)
+                except asyncio.TimeoutError:
+                    return None
+            self.ready.sort(key=lambda e: (e.version, e.created))
+            batch, taken = [], 0
+            while taken < self.batch_size:
+                entry = self.ready.pop(0)
+                batch.append(entry)
+                taken += len(entry)
+            self.consumed += taken
+            lags = [learner_version - e.version for e in batch]
+            for lag in lags:
+                self.lag_hist.observe(lag)
+            self._gauge()
+            return {
+                "traj_refs": [[e.traj_ref] for e in batch],
+                "scores": {k: np.concatenate([e.scores[k] for e in batch]) for k in batch[0].scores},
+                "prompt_ids": np.concatenate([e.prompt_ids for e in batch]),
+                "group_ids": np.concatenate([e.group_ids for e in batch]),
+                "versions": [e.version for e in batch],
+                "lags": lags,
+            }
+
+    def _drop_stale(self) -> None:
+        keep = []
+        for e in self.ready:
+            if self.learner_version - e.version > self.max_staleness:
+                self._drop("stale", len(e))
+            else:
+                keep.append(e)
+        self.ready = keep
+
+    def _drop(self, reason: str, n: int) -> None:
+        self.drops[reason] += n
+        self.drop_counter.inc(n, tags={"reason": reason})
+
+    def _gauge(self) -> None:
+        self.depth_gauge.set(self.in_flight())
+
+    # ----------------------------------------------------------- control
+
+    def stats(self) -> dict:
+        return {"added": self.added, "consumed": self.consumed, "depth": self.in_flight(),
+                "drops": {reason: self.drops[reason] for reason in DROP_REASONS}}
+
+    def close(self) -> None:
+        self.closed = True
+
+    def restart_from(self, learner_version: int, consumed: int) -> None:
+        """Continue the version/position count of a resumed run."""
+        self.learner_version, self.consumed = learner_version, consumed

@@ -1,0 +1,51 @@
+"""Reward actors: one pool per reward, each actor scoring whole sampler batches."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import ray
+
+from rlds.config import RewardConfig
+
+
+@ray.remote
+class RewardActor:
+    def __init__(self, name: str, args: dict, torch_threads: int = 1):
+        import torch
+        from ray.util import metrics
+
+        from rlds.rewards import build_reward
+
+        torch.set_num_threads(torch_threads)
+        self.name = name
+        self.reward = build_reward(name, args)
+        self.latency = metrics.Histogram(
+            "rlds_reward_latency_s", "Seconds to score one sampler batch",
+            boundaries=[0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30], tag_keys=("reward",))
+        self.latency.set_default_tags({"reward": name})
+
+    def score(self, images: np.ndarray, prompts: list[str], group_ids: np.ndarray) -> np.ndarray:
+        start = time.perf_counter()
+        scores = self.reward(images, prompts, group_ids)
+        self.latency.observe(time.perf_counter() - start)
+        return scores
+
+
+class RewardPool:
+    """The actors of one reward; a plain object, so samplers can hold it and call it directly."""
+
+    def __init__(self, cfg: RewardConfig, torch_threads: int):
+        self.name = cfg.name
+        # Scoring is idempotent: a restarted actor may safely retry the call it died in.
+        options = {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, "max_restarts": 3,
+                   "max_task_retries": 1}
+        if cfg.pip:
+            # A reward whose dependencies clash with the rest (image-reward) gets its own environment.
+            options["runtime_env"] = {"pip": list(cfg.pip)}
+        self.actors = [RewardActor.options(**options).remote(cfg.name, cfg.args, torch_threads)
+                       for _ in range(cfg.num_actors)]
+
+    def score(self, images_ref, prompts: list[str], group_ids: np.ndarray, key: int) -> ray.ObjectRef:
+        actor = self.actors[key % len(self.actors)]
+        return actor.score.remote(images_ref, prompts, group_ids)

@@ -1,0 +1,38 @@
+"""Rewards by name. A config names built-ins (below) or any `package.module:ClassName`."""
+from __future__ import annotations
+
+import importlib
+
+from rlds.rewards.base import GroupReward, ImageReward
+from rlds.rewards.pixel import Brightness, Diversity, JpegCompressibility, JpegIncompressibility
+
+REWARDS = {
+    "jpeg_compressibility": JpegCompressibility,
+    "jpeg_incompressibility": JpegIncompressibility,
+    "brightness": Brightness,
+    "diversity": Diversity,
+}
+
+
+def reward_class(name: str):
+    if name in REWARDS:
+        return REWARDS[name]
+    module, sep, attr = name.partition(":")
+    if not sep:
+        raise KeyError(f"unknown reward {name!r}; built in: {', '.join(sorted(REWARDS))}, "
+                       "or give package.module:ClassName")
+    return getattr(importlib.import_module(module), attr)
+
+
+def build_reward(name: str, args: dict):
+    cls = reward_class(name)
+    try:
+        reward = cls(**args)
+    except TypeError as e:
+        raise TypeError(f"reward {name!r}: bad args {args}: {e}") from None
+    if not isinstance(reward, (ImageReward, GroupReward)):
+        raise TypeError(f"reward {name!r} is neither an ImageReward nor a GroupReward")
+    return reward
+
+
+__all__ = ["REWARDS", "GroupReward", "ImageReward", "build_reward", "reward_class"]

@@ -1,0 +1,264 @@
+"""The driver: places the actors, runs the loop, records the run. It moves references, not tensors.
+
+    samplers ──trajectories──▶ ReplayStore ◀──scores── reward pools
+    ReplayStore ──a full, fresh batch──▶ LearnerGroup ──weights v+1──▶ WeightStore ──▶ samplers
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import ray
+
+from rlds.algo.advantages import PerPromptStatTracker, compute_advantages
+from rlds.checkpoint import read_checkpoint, save_checkpoint
+from rlds.config import Config, dump_config, prompt_list
+from rlds.distributed.learner import LearnerGroup
+from rlds.distributed.replay import ReplayStore
+from rlds.distributed.reward import RewardPool
+from rlds.distributed.sampler import SamplerActor
+from rlds.distributed.weights import WeightStore
+from rlds.metrics import MetricsWriter, read_metrics, save_grid
+
+log = logging.getLogger("rlds")
+MAX_SAMPLER_RESTARTS = 3
+
+
+def connect_ray(config: Config) -> bool:
+    """Join the cluster the config (or RAY_ADDRESS, or a running `ray start`) names, else start one.
+
+    Returns whether this call started Ray (and so should shut it down).
+    """
+    if ray.is_initialized():
+        return False
+    address = config.ray.address
+    if address not in (None, "local"):
+        ray.init(address=address)
+        return True
+    if address is None:
+        try:
+            ray.init(address="auto")
+            return True
+        except ConnectionError:
+            pass
+    ray.init(address="local", num_cpus=config.ray.num_cpus, num_gpus=config.ray.num_gpus)
+    return True
+
+
+def make_run_dir(config: Config) -> Path:
+    if config.run_dir:
+        path = Path(config.run_dir)
+    elif config.resume:
+        path = Path(config.resume).resolve().parent.parent  # continue the run the checkpoint is from
+    else:
+        path = Path("runs") / f"{config.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class Trainer:
+    def __init__(self, config: Config, progress: bool = True):
+        self.config = config
+        self.progress = progress
+        self.prompts = prompt_list(config)
+        self.restarts = {"sampler": 0}
+
+    # ------------------------------------------------------------------ setup
+
+    def _start(self, run_dir: Path, start_iteration: int, state: Optional[tuple]) -> None:
+        c = self.config
+        capacity = c.replay.capacity or (c.replay.max_staleness + 1) * c.algo.batch_size
+        self.weights = WeightStore.remote()
+        self.store = ReplayStore.remote(c.algo.batch_size, capacity, c.replay.max_staleness,
+                                        c.ray.actor_timeout_s)
+        self.pools = [RewardPool(r, c.torch_threads) for r in c.rewards]
+        self.learners = LearnerGroup(c, self.weights)
+        if state is not None:
+            self.learners.load_state(state[0], state[1])
+        ray.get(self.store.restart_from.remote(start_iteration, start_iteration * c.algo.batch_size))
+        self.learners.publish(start_iteration)
+        self.start_iteration = start_iteration
+        self.samplers: list = [None] * c.sampler.num_workers
+        self.loops: list = [None] * c.sampler.num_workers
+        for i in range(c.sampler.num_workers):
+            self._start_sampler(i)
+
+    def _start_sampler(self, index: int) -> None:
+        c = self.config
+        actor = SamplerActor.options(num_cpus=c.sampler.num_cpus, num_gpus=c.sampler.num_gpus).remote(
+            index, c, self.prompts, self.store, self.weights, self.pools, self.start_iteration)
+        self.samplers[index] = actor
+        self.loops[index] = actor.run.remote()
+
+    def _check_samplers(self) -> None:
+        """Restart a sampler whose loop ended while the run goes on (it died, or raised)."""
+        done, _ = ray.wait([r for r in self.loops], num_returns=len(self.loops), timeout=0)
+        for ref in done:
+            i = self.loops.index(ref)
+            try:
+                ray.get(ref)
+                reason = "its loop returned early"
+            except Exception as e:  # noqa: BLE001 (any failure of the actor is handled the same way)
+                reason = _last_line(e)
+            self.restarts["sampler"] += 1
+            if self.restarts["sampler"] > MAX_SAMPLER_RESTARTS * len(self.loops):
+                raise RuntimeError(f"sampler {i} failed again ({reason}); giving up after "
+                                   f"{self.restarts['sampler'] - 1} restarts")
+            log.warning("sampler %d stopped (%s); restarting it", i, reason)
+            ray.get(self.store.release.remote(self.samplers[i]._actor_id.hex()))
+            ray.kill(self.samplers[i])
+            self._start_sampler(i)
+
+    # ------------------------------------------------------------------ loop
+
+    def _next_batch(self, iteration: int) -> dict:
+        timeout = self.config.ray.actor_timeout_s
+        deadline = time.monotonic() + timeout
+        while True:
+            ref = self.store.get_batch.remote(iteration, 1.0)
+            ready, _ = ray.wait([ref], timeout=timeout)
+            if not ready:
+                raise TimeoutError(f"the ReplayStore did not answer in {timeout} s (ray.actor_timeout_s)")
+            batch = ray.get(ref)
+            if batch is not None:
+                return batch
+            self._check_samplers()
+            if time.monotonic() > deadline:
+                stats = ray.get(self.store.stats.remote())
+                raise TimeoutError(f"no full batch for iteration {iteration} in {timeout} s "
+                                   f"(ray.actor_timeout_s); store: {stats}")
+
+    def _update(self, batch: dict, iteration: int) -> dict:
+        c = self.config
+        rewards = sum(r.weight * batch["scores"][r.name] for r in c.rewards)
+        advantages = compute_advantages(rewards, c.algo.advantage, c.algo.advantage_clip,
+                                        batch["prompt_ids"], batch["group_ids"], tracker=self.tracker)
+        sizes = [c.sampler.batch_size] * len(batch["traj_refs"])
+        calls = self.learners.update(batch["traj_refs"], advantages, sizes, iteration)
+        done, _ = ray.wait(calls, num_returns=len(calls), timeout=c.ray.actor_timeout_s)
+        if len(done) < len(calls):
+            raise TimeoutError(f"the learners did not finish iteration {iteration} in "
+                               f"{c.ray.actor_timeout_s} s (ray.actor_timeout_s)")
+        per_rank = ray.get(calls)
+        if any("lost" in s for s in per_rank):
+            return None
+        keys = {k for s in per_rank for k in s}
+        stats = {k: float(np.mean([s[k] for s in per_rank if k in s])) for k in sorted(keys)}
+        stats["ratio/min"] = min(s["ratio/min"] for s in per_rank)
+        stats["ratio/max"] = max(s["ratio/max"] for s in per_rank)
+        stats["reward/mean"] = float(np.mean(rewards))
+        stats["reward/std"] = float(np.std(rewards))
+        for r in c.rewards:
+            stats[f"reward/{r.name}/mean"] = float(np.mean(batch["scores"][r.name]))
+        stats["advantage/abs_mean"] = float(np.mean(np.abs(advantages)))
+        return stats
+
+    def _save_grid(self, run_dir: Path, batch: dict, iteration: int) -> None:
+        traj = ray.get(batch["traj_refs"][0][0])
+        rewards = sum(r.weight * batch["scores"][r.name][:len(traj)] for r in self.config.rewards)
+        captions = [f"{p} ({r:.3g})" for p, r in zip(traj.prompts, rewards)]
+        save_grid(traj.images, captions, run_dir / "samples" / f"iter_{iteration:06d}.png")
+
+    def _checkpoint(self, run_dir: Path, iteration: int, samples: int) -> Path:
+        trainable, optimizer = ray.get(self.learners.state(), timeout=self.config.ray.actor_timeout_s)
+        state = {"iteration": iteration, "samples": samples, "tracker": self.tracker.state_dict()}
+        return save_checkpoint(run_dir / "checkpoints" / f"iter_{iteration:06d}", trainable, optimizer, state)
+
+    def run(self) -> Path:
+        c = self.config
+        run_dir = make_run_dir(c)
+        dump_config(c, run_dir / "config.yaml")
+        self.tracker = PerPromptStatTracker(c.algo.per_prompt_buffer, c.algo.per_prompt_min_count)
+        start, samples, state = 0, 0, None
+        if c.resume:
+            trainable, optimizer, meta = read_checkpoint(c.resume)
+            start, samples = meta["iteration"], meta["samples"]
+            self.tracker.load_state_dict(meta.get("tracker", {}))
+            state = (trainable, optimizer)
+            _truncate_metrics(run_dir / "metrics.jsonl", start)
+        if start >= c.iterations:
+            raise ValueError(f"resume: the checkpoint is at iteration {start}, and iterations is "
+                             f"{c.iterations}: nothing to train; raise iterations=N")
+        started_ray = connect_ray(c)
+        writer = MetricsWriter(run_dir)
+        try:
+            self._start(run_dir, start, state)
+            self._loop(run_dir, writer, start, samples)
+        finally:
+            writer.close()
+            self._stop()
+            if started_ray:
+                ray.shutdown()
+        return run_dir
+
+    def _loop(self, run_dir: Path, writer: MetricsWriter, start: int, samples: int) -> None:
+        from tqdm import tqdm
+
+        c = self.config
+        bar = tqdm(total=c.iterations, initial=start, desc="rlds train", unit="it", disable=not self.progress)
+        last = time.perf_counter()
+        for it in range(start, c.iterations):
+            wait_start = time.perf_counter()
+            stats = None
+            while stats is None:  # a batch whose sampler died in between is dropped and replaced
+                batch = self._next_batch(it)
+                stats = self._update(batch, it)
+                if stats is None:
+                    ray.get(self.store.batch_lost.remote(c.algo.batch_size))
+                    self._check_samplers()
+            wait_s = time.perf_counter() - wait_start - stats["time/update_s"]
+            samples += c.algo.batch_size
+            now = time.perf_counter()
+            store = ray.get(self.store.stats.remote())
+            row = {"iteration": it + 1, "samples": samples, **stats,
+                   "policy_lag/max": max(batch["lags"]), "policy_lag/mean": float(np.mean(batch["lags"])),
+                   "time/iteration_s": now - last, "time/wait_batch_s": wait_s,
+                   "throughput/samples_per_s": c.algo.batch_size / (now - last),
+                   "replay/depth": store["depth"], "samples_generated": store["added"],
+                   "restarts/sampler": self.restarts["sampler"]}
+            row.update({f"drops/{k}": v for k, v in store["drops"].items()})
+            last = now
+            writer.write(row)
+            if c.sample_grid_every and (it + 1) % c.sample_grid_every == 0:
+                self._save_grid(run_dir, batch, it + 1)
+            if (it + 1) % c.checkpoint_every == 0 or it + 1 == c.iterations:
+                self._checkpoint(run_dir, it + 1, samples)
+            bar.set_postfix(reward=f"{row['reward/mean']:.4g}",
+                            samples_s=f"{row['throughput/samples_per_s']:.1f}", lag=row["policy_lag/max"])
+            bar.update(1)
+        bar.close()
+
+    def _stop(self) -> None:
+        if not hasattr(self, "store"):
+            return
+        ray.wait([self.store.close.remote()], timeout=10)
+        loops = [r for r in getattr(self, "loops", []) if r is not None]
+        ray.wait(loops, num_returns=len(loops), timeout=30)
+        for actor in getattr(self, "samplers", []):
+            if actor is not None:
+                ray.kill(actor)
+        for pool in self.pools:
+            for actor in pool.actors:
+                ray.kill(actor)
+        if hasattr(self, "learners"):
+            self.learners.shutdown()
+        ray.kill(self.store)
+        ray.kill(self.weights)
+
+
+def _truncate_metrics(path: Path, iteration: int) -> None:
+    """Rows written after the checkpoint we resume from belong to a run we are about to redo."""
+    if path.is_file():
+        rows = [r for r in read_metrics(path) if r["iteration"] <= iteration]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _last_line(error: BaseException) -> str:
+    """The line that says what went wrong in a Ray task error (its last), with the error type."""
+    lines = [ln for ln in str(error).splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else type(error).__name__

@@ -1,0 +1,63 @@
+import numpy as np
+import pytest
+import torch
+
+from rlds.algo import PerPromptStatTracker, clipped_policy_loss, compute_advantages, lr_factor
+from rlds.config import AlgoConfig
+
+
+def test_batch_advantages_are_normalised_and_clamped():
+    r = np.array([0.0, 1.0, 2.0, 3.0, 1000.0])
+    a = compute_advantages(r, "batch", clip=1.5, prompt_ids=np.zeros(5))
+    assert a.max() == pytest.approx(1.5)
+    a = compute_advantages(r[:4], "batch", clip=10, prompt_ids=np.zeros(4))
+    assert a.mean() == pytest.approx(0, abs=1e-6) and a.std() == pytest.approx(1, abs=1e-4)
+
+
+def test_group_advantages_normalise_within_each_group():
+    r = np.array([1.0, 2.0, 10.0, 20.0])
+    a = compute_advantages(r, "group", 10, np.zeros(4), group_ids=np.array([0, 0, 1, 1]))
+    np.testing.assert_allclose(a, [-1, 1, -1, 1], atol=1e-5)
+
+
+def test_tasks_are_normalised_separately():
+    r = np.array([1.0, 2.0, 100.0, 300.0])
+    a = compute_advantages(r, "batch", 10, np.zeros(4), task_ids=np.array([0, 0, 1, 1]))
+    np.testing.assert_allclose(a, [-1, 1, -1, 1], atol=1e-5)
+
+
+def test_per_prompt_tracker_uses_history_once_it_has_enough():
+    tracker = PerPromptStatTracker(buffer_size=4, min_count=4)
+    first = tracker.update(np.array([0, 0]), np.array([1.0, 3.0]))
+    np.testing.assert_allclose(first, [-1, 1], atol=1e-5)  # too little history: batch statistics
+    tracker.update(np.array([0, 0]), np.array([1.0, 3.0]))
+    out = tracker.update(np.array([0]), np.array([5.0]))
+    buf = np.array([3.0, 1.0, 3.0, 5.0])  # the last four rewards of prompt 0
+    assert out[0] == pytest.approx((5 - buf.mean()) / (buf.std() + 1e-7))
+    state = tracker.state_dict()
+    fresh = PerPromptStatTracker(4, 4)
+    fresh.load_state_dict(state)
+    assert fresh.state_dict() == state
+
+
+def test_clipped_loss_stops_the_gradient_outside_the_trust_region():
+    old = torch.zeros(4)
+    adv = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    # ratios of 1.5 (above 1 + eps) and 0.5 (below 1 - eps)
+    new = torch.log(torch.tensor([1.5, 0.5, 1.5, 0.5])).requires_grad_()
+    loss, stats = clipped_policy_loss(new, old, adv, clip_range=0.2)
+    loss.backward()
+    # A>0 and ratio past 1+eps: clipped, no gradient; A>0 and ratio below: the gradient pushes up.
+    assert new.grad[0] == 0 and new.grad[1] != 0
+    assert new.grad[2] != 0 and new.grad[3] == 0
+    assert stats["clipfrac"] == 1.0
+    assert loss.item() == pytest.approx(np.mean([-1.2, -0.5, 1.5, 0.8]))
+
+
+def test_learning_rate_schedules():
+    cfg = AlgoConfig(lr_schedule="linear", warmup_iterations=2)
+    assert lr_factor(cfg, 0, 10) == 0.5 and lr_factor(cfg, 1, 10) == 1.0
+    assert lr_factor(cfg, 10, 10) == 0.0
+    cfg = AlgoConfig(lr_schedule="cosine")
+    assert lr_factor(cfg, 5, 10) == pytest.approx(0.5)
+    assert lr_factor(AlgoConfig(), 7, 10) == 1.0

@@ -1,0 +1,80 @@
+import pytest
+
+from rlds.config import ConfigError, load_config
+
+
+def write(tmp_path, text):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+BASE = "prompts: {items: [a cat]}\nrewards: [{name: brightness}]\n"
+
+
+def test_a_good_file_loads_with_defaults_filled_in(tmp_path):
+    c = load_config(write(tmp_path, BASE + "algo: {clip_range: 1e-4}\n"))
+    assert c.algo.clip_range == 1e-4  # YAML 1.1 reads 1e-4 as a string; the config does not
+    assert c.algo.timesteps_per_iteration == 5 and c.replay.max_staleness == 0
+
+
+def test_unknown_key_names_its_dotted_path_and_file(tmp_path):
+    path = write(tmp_path, BASE + "sampler: {bach_size: 4}\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml: sampler\.bach_size: unknown key.*batch_size"):
+        load_config(path)
+
+
+def test_wrong_type_names_the_key(tmp_path):
+    path = write(tmp_path, BASE + "algo: {learning_rate: fast}\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml: algo\.learning_rate: expected float, got str 'fast'"):
+        load_config(path)
+    path = write(tmp_path, BASE + "iterations: true\n")
+    with pytest.raises(ConfigError, match=r"iterations: expected int, got bool"):
+        load_config(path)
+
+
+def test_error_inside_a_list_names_the_entry(tmp_path):
+    path = write(tmp_path, "prompts: {items: [a]}\nrewards: [{name: brightness}, {name: jpeg, wieght: 1}]\n")
+    with pytest.raises(ConfigError, match=r"rewards\[1\]\.wieght: unknown key"):
+        load_config(path)
+
+
+def test_missing_file_and_missing_prompts_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
+        load_config(str(tmp_path / "nope.yaml"))
+    path = write(tmp_path, "prompts: {file: missing.txt}\nrewards: [{name: brightness}]\n")
+    with pytest.raises(ConfigError, match="prompts.file: file not found: missing.txt"):
+        load_config(path)
+
+
+def test_overrides_apply_and_are_checked(tmp_path):
+    path = write(tmp_path, BASE)
+    c = load_config(path, ("iterations=7", "replay.max_staleness=1", "model.lora.enabled=true"))
+    assert (c.iterations, c.replay.max_staleness, c.model.lora.enabled) == (7, 1, True)
+    with pytest.raises(ConfigError, match=r"command-line overrides: algo\.nope: unknown key"):
+        load_config(path, ("algo.nope=1",))
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(path, ("iterations",))
+
+
+def test_inconsistent_sizes_are_explained(tmp_path):
+    path = write(tmp_path, BASE + "algo: {batch_size: 10}\nsampler: {batch_size: 4}\n")
+    with pytest.raises(ConfigError, match=r"algo\.batch_size: 10 is not a multiple of sampler\.batch_size"):
+        load_config(path)
+    path = write(tmp_path, BASE + "algo: {batch_size: 12}\nsampler: {batch_size: 4}\nlearner: {num_workers: 2}\n")
+    with pytest.raises(ConfigError, match="learner.num_workers"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="unknown reward 'shiny'"):
+        load_config(write(tmp_path, "prompts: {items: [a]}\nrewards: [{name: shiny}]\n"))
+
+
+def test_invalid_yaml_names_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="run.yaml: not valid YAML"):
+        load_config(write(tmp_path, "a: [1, 2\n"))
+
+
+def test_shipped_configs_load():
+    from rlds.cli import CONFIG_DIR
+
+    for path in CONFIG_DIR.glob("*.yaml"):
+        load_config(str(path))

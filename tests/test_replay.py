@@ -1,0 +1,77 @@
+"""The ReplayStore on a real local Ray: backpressure, the staleness gate, failures counted."""
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def add(ray, store, sampler, version, scores, n=2):
+    wrapped = {name: [ref] for name, ref in scores.items()}
+    ray.get(store.add.remote(sampler, [ray.put(np.zeros(n))], wrapped, version,
+                             np.zeros(n, np.int64), np.arange(n)))
+
+
+def test_backpressure_staleness_and_batches(ray_local):
+    ray = ray_local
+    from rlds.distributed.replay import ReplayStore
+
+    store = ReplayStore.remote(batch_size=4, capacity=4, max_staleness=0, reward_timeout_s=30)
+    assert ray.get(store.reserve.remote("s", 2, 0)) == "ok"
+    assert ray.get(store.reserve.remote("s", 2, 0)) == "ok"
+    assert ray.get(store.reserve.remote("s", 2, 0)) == "wait"  # full
+    for _ in range(2):
+        add(ray, store, "s", 0, {"r": ray.put(np.ones(2, np.float32))})
+    assert ray.get(store.get_batch.remote(0, 5.0)) is not None
+    # the next batch needs version 1 in sync mode: version-0 samplers wait, version-1 ones may go
+    assert ray.get(store.reserve.remote("s", 2, 0)) == "wait"
+    assert ray.get(store.reserve.remote("s", 2, 1)) == "ok"
+
+
+def test_get_batch_times_out_without_consuming(ray_local):
+    ray = ray_local
+    from rlds.distributed.replay import ReplayStore
+
+    store = ReplayStore.remote(batch_size=4, capacity=8, max_staleness=1, reward_timeout_s=30)
+    assert ray.get(store.reserve.remote("s", 2, 0)) == "ok"
+    add(ray, store, "s", 0, {"r": ray.put(np.ones(2, np.float32))})
+    assert ray.get(store.get_batch.remote(0, 0.2)) is None
+    assert ray.get(store.reserve.remote("s", 2, 0)) == "ok"
+    add(ray, store, "s", 0, {"r": ray.put(np.full(2, 2.0, np.float32))})
+    batch = ray.get(store.get_batch.remote(0, 5.0))
+    assert batch is not None and list(batch["scores"]["r"]) == [1, 1, 2, 2]
+    assert ray.get(store.stats.remote())["consumed"] == 4
+
+
+def test_failed_nan_and_stale_rewards_are_counted_not_lost(ray_local):
+    ray = ray_local
+    from rlds.distributed.replay import ReplayStore
+
+    @ray.remote
+    def broken():
+        raise RuntimeError("reward model crashed")
+
+    store = ReplayStore.remote(batch_size=4, capacity=8, max_staleness=1, reward_timeout_s=30)
+    for _ in range(3):
+        assert ray.get(store.reserve.remote("s", 2, 0)) == "ok"
+    add(ray, store, "s", 0, {"r": broken.remote()})
+    add(ray, store, "s", 0, {"r": ray.put(np.array([1.0, np.nan], np.float32))})
+    add(ray, store, "s", 0, {"r": ray.put(np.ones(2, np.float32))})
+    # learner at version 2: version-0 data is 2 versions old, past max_staleness 1
+    assert ray.get(store.get_batch.remote(2, 1.0)) is None
+    drops = {k: v for k, v in ray.get(store.stats.remote())["drops"].items() if v}
+    assert drops == {"reward_failed": 2, "nan_reward": 2, "stale": 2}
+
+
+def test_a_dead_samplers_reservations_and_entries_are_released(ray_local):
+    ray = ray_local
+    from rlds.distributed.replay import ReplayStore
+
+    store = ReplayStore.remote(batch_size=4, capacity=4, max_staleness=0, reward_timeout_s=30)
+    assert ray.get(store.reserve.remote("a", 2, 0)) == "ok"
+    assert ray.get(store.reserve.remote("b", 2, 0)) == "ok"
+    add(ray, store, "a", 0, {"r": ray.put(np.ones(2, np.float32))})
+    assert ray.get(store.reserve.remote("c", 2, 0)) == "wait"
+    assert ray.get(store.release.remote("b")) == 2
+    assert ray.get(store.release.remote("a")) == 2
+    assert ray.get(store.reserve.remote("c", 4, 0)) == "ok"
+    assert ray.get(store.stats.remote())["drops"]["sampler_died"] == 4

@@ -1,0 +1,109 @@
+"""End to end on a local Ray: samplers, reward pools, a gloo LearnerGroup, the run folder."""
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from rlds.metrics import read_metrics
+from rlds.trainer import Trainer
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def sync_run(ray_local, tiny_config, tmp_path_factory):
+    """2 samplers, 2 brightness reward actors (+1 jpeg), 2 learner ranks over gloo, synchronous."""
+    run_dir = tmp_path_factory.mktemp("sync")
+    config = tiny_config(f"run_dir={run_dir}", "iterations=12", "learner.num_workers=2",
+                         "algo.batch_size=16", "algo.timesteps_per_iteration=3", "checkpoint_every=6",
+                         "sample_grid_every=6")
+    Trainer(config, progress=False).run()
+    return config, run_dir
+
+
+def test_sync_run_learns_and_leaves_the_run_folder(sync_run):
+    config, run_dir = sync_run
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["iteration"] for r in rows] == list(range(1, 13))
+    assert rows[-1]["samples"] == 12 * 16
+    for key in ("reward/mean", "reward/brightness/mean", "reward/jpeg_compressibility/mean", "loss",
+                "clipfrac", "approx_kl", "time/iteration_s", "throughput/samples_per_s", "policy_lag/max"):
+        assert all(np.isfinite(r[key]) for r in rows), key
+    # synchronous: every trained trajectory came from the weights being trained
+    assert all(r["policy_lag/max"] == 0 for r in rows)
+    assert rows[0]["ratio/max"] < 1.05
+    first = np.mean([r["reward/brightness/mean"] for r in rows[:3]])
+    last = np.mean([r["reward/brightness/mean"] for r in rows[-3:]])
+    assert last > first + 0.04, (first, last)
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "samples" / "iter_000006.png").is_file()
+    assert (run_dir / "checkpoints" / "iter_000012" / "trainable.safetensors").is_file()
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents*"))
+
+
+def test_resume_continues_at_the_checkpoint(sync_run, tiny_config):
+    config, run_dir = sync_run
+    ckpt = run_dir / "checkpoints" / "iter_000006"
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["iteration"] == 6 and state["samples"] == 96
+    resumed = tiny_config(f"resume={ckpt}", "iterations=8", "learner.num_workers=2",
+                          "algo.batch_size=16", "algo.timesteps_per_iteration=3", "checkpoint_every=6")
+    assert Trainer(resumed, progress=False).run() == run_dir
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    # rows 7..12 of the first run are replaced by the resumed 7..8: no gap, no repeat, no zero-step run
+    assert [r["iteration"] for r in rows] == list(range(1, 9))
+    assert rows[-1]["samples"] == 8 * 16
+    assert json.loads((run_dir / "checkpoints" / "iter_000008" / "state.json").read_text())["iteration"] == 8
+    done = tiny_config(f"resume={run_dir / 'checkpoints' / 'iter_000008'}", "iterations=8")
+    with pytest.raises(ValueError, match="nothing to train; raise iterations"):
+        Trainer(done, progress=False).run()
+
+
+def test_sample_command_uses_the_checkpoint(sync_run, tmp_path):
+    from rlds.cli import main
+
+    config, run_dir = sync_run
+    cfg = str(run_dir / "config.yaml")
+    ckpt = str(run_dir / "checkpoints" / "iter_000012")
+    args = ["sample", cfg, "--prompts", "a red circle", "--num-per-prompt", "2", "--no-progress"]
+    assert main(args + ["--out", str(tmp_path / "tuned"), "--checkpoint", ckpt]) == 0
+    assert main(args + ["--out", str(tmp_path / "base")]) == 0
+    records = [json.loads(x) for x in (tmp_path / "tuned" / "images.jsonl").read_text().splitlines()]
+    assert [(r["prompt"], r["seed"]) for r in records] == [("a red circle", 0), ("a red circle", 1)]
+    from PIL import Image
+    tuned = np.asarray(Image.open(tmp_path / "tuned" / records[0]["file"]), dtype=float)
+    base = np.asarray(Image.open(tmp_path / "base" / records[0]["file"]), dtype=float)
+    assert tuned.mean() > base.mean()  # trained for brightness
+
+
+def test_async_lag_never_exceeds_max_staleness(ray_local, tiny_config, tmp_path):
+    config = tiny_config(f"run_dir={tmp_path}", "iterations=6", "replay.max_staleness=1")
+    Trainer(config, progress=False).run()
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert len(rows) == 6 and all(r["policy_lag/max"] <= 1 for r in rows)
+    assert sum(r.get("drops/stale", 0) for r in rows[-1:]) == 0
+
+
+def test_a_killed_sampler_is_restarted_and_counted(ray_local, tiny_config, tmp_path):
+    ray = ray_local
+    config = tiny_config(f"run_dir={tmp_path}", "iterations=6")
+    trainer = Trainer(config, progress=False)
+
+    def kill_one():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            samplers = getattr(trainer, "samplers", None)
+            if samplers and samplers[0] is not None and (tmp_path / "metrics.jsonl").exists() \
+                    and (tmp_path / "metrics.jsonl").read_text():
+                ray.kill(samplers[0], no_restart=True)
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_one, daemon=True)
+    killer.start()
+    trainer.run()
+    killer.join(timeout=5)
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert len(rows) == 6
+    assert rows[-1]["restarts/sampler"] >= 1
