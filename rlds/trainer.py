@@ -200,9 +200,13 @@ class Trainer:
         from tqdm import tqdm
 
         c = self.config
+        from ray.util import metrics
+
+        idle_gauge = metrics.Gauge("rlds_learner_idle_ratio", "Share of an iteration the learners wait for data")
         bar = tqdm(total=c.iterations, initial=start, desc="rlds train", unit="it", disable=not self.progress)
         last = time.perf_counter()
         for it in range(start, c.iterations):
+            self._check_samplers()
             wait_start = time.perf_counter()
             stats = None
             while stats is None:  # a batch whose sampler died in between is dropped and replaced
@@ -218,16 +222,21 @@ class Trainer:
             row = {"iteration": it + 1, "samples": samples, **stats,
                    "policy_lag/max": max(batch["lags"]), "policy_lag/mean": float(np.mean(batch["lags"])),
                    "time/iteration_s": now - last, "time/wait_batch_s": wait_s,
+                   "time/learner_idle_ratio": wait_s / (now - last),
                    "throughput/samples_per_s": c.algo.batch_size / (now - last),
                    "replay/depth": store["depth"], "samples_generated": store["added"],
                    "restarts/sampler": self.restarts["sampler"]}
             row.update({f"drops/{k}": v for k, v in store["drops"].items()})
             last = now
+            idle_gauge.set(row["time/learner_idle_ratio"])
             writer.write(row)
             if c.sample_grid_every and (it + 1) % c.sample_grid_every == 0:
                 self._save_grid(run_dir, batch, it + 1)
             if (it + 1) % c.checkpoint_every == 0 or it + 1 == c.iterations:
                 self._checkpoint(run_dir, it + 1, samples)
+            if not self.progress:  # logs (a Ray job's, say) get a line where a terminal gets a bar
+                log.info("iteration %d/%d  reward %.4g  %.1f samples/s  lag %d", it + 1, c.iterations,
+                         row["reward/mean"], row["throughput/samples_per_s"], row["policy_lag/max"])
             bar.set_postfix(reward=f"{row['reward/mean']:.4g}",
                             samples_s=f"{row['throughput/samples_per_s']:.1f}", lag=row["policy_lag/max"])
             bar.update(1)

@@ -87,8 +87,9 @@ def test_async_lag_never_exceeds_max_staleness(ray_local, tiny_config, tmp_path)
 
 def test_a_killed_sampler_is_restarted_and_counted(ray_local, tiny_config, tmp_path):
     ray = ray_local
-    config = tiny_config(f"run_dir={tmp_path}", "iterations=6")
+    config = tiny_config(f"run_dir={tmp_path}", "iterations=8")
     trainer = Trainer(config, progress=False)
+    killed = threading.Event()
 
     def kill_one():
         deadline = time.monotonic() + 60
@@ -97,6 +98,7 @@ def test_a_killed_sampler_is_restarted_and_counted(ray_local, tiny_config, tmp_p
             if samplers and samplers[0] is not None and (tmp_path / "metrics.jsonl").exists() \
                     and (tmp_path / "metrics.jsonl").read_text():
                 ray.kill(samplers[0], no_restart=True)
+                killed.set()
                 return
             time.sleep(0.05)
 
@@ -105,5 +107,5 @@ def test_a_killed_sampler_is_restarted_and_counted(ray_local, tiny_config, tmp_p
     trainer.run()
     killer.join(timeout=5)
     rows = read_metrics(tmp_path / "metrics.jsonl")
-    assert len(rows) == 6
+    assert killed.is_set() and len(rows) == 8
     assert rows[-1]["restarts/sampler"] >= 1
