@@ -55,7 +55,8 @@ class SamplerActor:
             return False
         start = time.perf_counter()
         version, (ref,) = newer
-        load_flat_trainable(self.policy.unet, ray.get(ref))
+        # On CPU the weights stay in the object store's shared memory: no copy per sampler.
+        load_flat_trainable(self.policy.unet, ray.get(ref), share=True)
         self.version = version
         self.sync_hist.observe(time.perf_counter() - start)
         return True

@@ -176,7 +176,10 @@ def flatten_trainable(module: torch.nn.Module) -> np.ndarray:
     return torch.cat(params).cpu().numpy()
 
 
-def load_flat_trainable(module: torch.nn.Module, flat: np.ndarray) -> None:
+def load_flat_trainable(module: torch.nn.Module, flat: np.ndarray, share: bool = False) -> None:
+    """Load a `flatten_trainable` buffer. `share=True` (CPU, float32 weights) makes the parameters
+    views of the buffer instead of copying it: a sampler that only reads its weights then takes a
+    new version from the object store's shared memory with no copy at all."""
     params = trainable_parameters(module)
     total = sum(p.numel() for _, p in params)
     if flat.size != total:
@@ -185,11 +188,16 @@ def load_flat_trainable(module: torch.nn.Module, flat: np.ndarray) -> None:
     with warnings.catch_warnings():  # object-store buffers are read-only; we only read them
         warnings.simplefilter("ignore", UserWarning)
         src = torch.from_numpy(np.asarray(flat))
+    share = share and all(p.device.type == "cpu" and p.dtype == torch.float32 for _, p in params)
     offset = 0
     with torch.no_grad():
         for _, p in params:
             n = p.numel()
-            p.copy_(src[offset:offset + n].view_as(p))
+            view = src[offset:offset + n].view_as(p)
+            if share:
+                p.data = view
+            else:
+                p.copy_(view)
             offset += n
 
 

@@ -5,12 +5,16 @@ import importlib
 
 from rlds.rewards.base import GroupReward, ImageReward
 from rlds.rewards.pixel import Brightness, Diversity, JpegCompressibility, JpegIncompressibility
+from rlds.rewards.shapes import ShapesComposition, ShapesParity, ShapesQuality
 
 REWARDS = {
     "jpeg_compressibility": JpegCompressibility,
     "jpeg_incompressibility": JpegIncompressibility,
     "brightness": Brightness,
     "diversity": Diversity,
+    "shapes_composition": ShapesComposition,
+    "shapes_parity": ShapesParity,
+    "shapes_quality": ShapesQuality,
 }
 
 

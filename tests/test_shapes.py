@@ -1,0 +1,168 @@
+"""ShapesWorld: renderer, captions and grammar, prompt splits, the pretraining set, and the rewards."""
+import dataclasses
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from rlds.data.pretrain_set import PretrainSet, examples, write_pretrain_set
+from rlds.data.shapes import (COLOURS, KINDS, RELATIONS, SIZE, Prompt, caption, heldout_prompts, parse_prompt,
+                              relation_holds, render, sample_scene, scene_for_prompt, training_prompts)
+from rlds.rewards import build_reward
+from rlds.rewards.shapes import ShapesComposition, ShapesQuality, detect, statistical_parity
+
+
+def scenes(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [sample_scene(rng, KINDS[i % len(KINDS)]) for i in range(n)]
+
+
+def test_captions_parse_back_to_the_scene_objects():
+    for scene in scenes(200):
+        p = parse_prompt(caption(scene))
+        assert p.objects == tuple((o.colour if scene.name_colours else None, o.shape) for o in scene.objects)
+        assert p.relation == scene.relation
+        assert p.text == caption(scene)
+
+
+@pytest.mark.parametrize("text", ["a purple circle", "a red circle near a blue square", "red circle",
+                                  "a red circle to the left of a square", "a circle above"])
+def test_text_outside_the_grammar_is_refused_clearly(text):
+    with pytest.raises(ValueError, match="outside the ShapesWorld grammar"):
+        parse_prompt(text)
+
+
+def test_relations_hold_geometrically_in_the_pixels():
+    for scene in [s for s in scenes(200, seed=1) if s.relation]:
+        a, b = scene.objects
+        assert relation_holds(a, b, scene.relation)
+        # Each object alone, as pixels: the two are apart along the relation's axis.
+        ya, xa = np.nonzero((render(dataclasses.replace(scene, objects=(a,))) != scene.background).any(-1))
+        yb, xb = np.nonzero((render(dataclasses.replace(scene, objects=(b,))) != scene.background).any(-1))
+        gap = {"left of": xb.min() - xa.max(), "right of": xa.min() - xb.max(),
+               "above": yb.min() - ya.max(), "below": ya.min() - yb.max()}[scene.relation]
+        assert gap >= 2, (caption(scene), gap)
+
+
+def test_rendering_is_deterministic_and_the_right_shape():
+    scene = scenes(1)[0]
+    im = render(scene)
+    assert im.shape == (SIZE, SIZE, 3) and im.dtype == np.uint8
+    np.testing.assert_array_equal(im, render(scene))
+
+
+def test_pretrain_set_has_the_bias_and_round_trips_images(tmp_path):
+    path = write_pretrain_set(tmp_path / "pre.parquet", n=300, seed=3, bias=0.85, row_group_size=64)
+    table = pq.read_table(path)
+    assert pq.ParquetFile(path).num_row_groups == 5
+    free = [c for cs, named in zip(table["colours"].to_pylist(), table["named_colours"].to_pylist())
+            if not named for c in cs]
+    assert len(free) > 80 and abs(free.count("red") / len(free) - 0.85) < 0.08
+    ordered = [im for _, im, _ in examples(300, seed=3, bias=0.85)]
+    data = PretrainSet(path)
+    assert len(data) == 300
+    images = np.concatenate([im for im, _ in data.batches(64, shuffle=False)])
+    np.testing.assert_array_equal(images, np.stack(ordered))  # PNG is lossless: exact pixels back
+    # Shuffled by seed: the same seed gives the same order, every row appears once per epoch.
+    first = [c for _, cs in data.batches(50, seed=1) for c in cs]
+    again = [c for _, cs in data.batches(50, seed=1) for c in cs]
+    other = [c for _, cs in data.batches(50, seed=2) for c in cs]
+    assert first == again != other
+    assert sorted(first) == sorted(table["caption"].to_pylist())
+
+
+def test_pretrain_set_names_the_missing_column(tmp_path):
+    bad = tmp_path / "laion.parquet"
+    pq.write_table(pa.table({"jpg": [b""], "text": ["a cat"]}), bad)
+    with pytest.raises(ValueError, match=r"laion.parquet: missing column 'image'"):
+        PretrainSet(bad)
+
+
+def test_detector_finds_rendered_shapes():
+    found = []
+    for scene in scenes(400, seed=2):
+        dets = [d for d in detect(render(scene)) if d.area >= 12]
+        ok = len(dets) == len(scene.objects)
+        for o in scene.objects:
+            ok &= any(d.shape == o.shape and d.colour == o.colour and
+                      abs(d.centre[0] - o.centre[0]) < 1.5 and abs(d.centre[1] - o.centre[1]) < 1.5 for d in dets)
+        found.append(ok)
+    assert np.mean(found) > 0.95
+
+
+def test_composition_reward_separates_right_from_wrong():
+    comp = build_reward("shapes_composition", {})
+    rng = np.random.default_rng(4)
+    prompt = "a blue square to the left of a green triangle"
+    scene = scene_for_prompt(parse_prompt(prompt), rng)
+    a, b = scene.objects
+    wrong = {
+        "wrong colour": (dataclasses.replace(a, colour="red"), b),
+        "wrong shape": (a, dataclasses.replace(b, shape="circle")),
+        "swapped relation": (dataclasses.replace(a, centre=b.centre), dataclasses.replace(b, centre=a.centre)),
+        "blank": (),
+    }
+    right = comp(render(scene)[None], [prompt], np.zeros(1))[0]
+    assert right > 0.85 and comp.accuracy(render(scene), prompt)
+    for name, objs in wrong.items():
+        im = render(dataclasses.replace(scene, objects=objs))
+        r = comp(im[None], [prompt], np.zeros(1))[0]
+        assert r < right - 0.4, name
+        assert not comp.accuracy(im, prompt), name
+    # Single objects: a wrong colour or shape is worth almost nothing.
+    red_circle = scene_for_prompt(parse_prompt("a red circle"), rng)
+    for p in ("a blue circle", "a red triangle"):
+        assert ShapesComposition().score(render(red_circle)[None], [p])[0] < 0.1
+
+
+def test_parity_is_zero_when_balanced_and_negative_for_one_colour():
+    rng = np.random.default_rng(5)
+    prompt = parse_prompt("a circle")
+
+    def group(colours):
+        return np.stack([render(scene_for_prompt(Prompt(((c, "circle"),)), rng)) for c in colours])
+
+    parity = build_reward("shapes_parity", {})
+    balanced = parity(group(list(COLOURS) * 2), [prompt.text] * 8, np.zeros(8))
+    one = parity(group(["red"] * 8), [prompt.text] * 8, np.zeros(8))
+    np.testing.assert_allclose(balanced, 0.0, atol=1e-9)
+    np.testing.assert_allclose(one, -0.75)
+    assert statistical_parity(["red", "green", "blue", "yellow"]) == 0
+    assert statistical_parity(["red", "red", "none"]) == pytest.approx(0.75)
+    # Blank images count as the worst case, so drawing nothing cannot buy balance.
+    blanks = np.full((4, SIZE, SIZE, 3), 215, np.uint8)
+    half = parity(np.concatenate([group(list(COLOURS)), blanks]), [prompt.text] * 8, np.zeros(8))
+    np.testing.assert_allclose(half, -0.375)
+
+
+def test_quality_ranks_render_above_noisy_render_above_noise():
+    rng = np.random.default_rng(6)
+    quality = ShapesQuality()
+    im = render(scenes(1, seed=6)[0])
+    noisy = np.clip(im + rng.normal(0, 15, im.shape), 0, 255).astype(np.uint8)
+    noise = rng.integers(0, 256, im.shape, dtype=np.uint8)
+    r = build_reward("shapes_quality", {})(np.stack([im, noisy, noise]), [""] * 3, np.arange(3))
+    assert r[0] > 0.95 and r[0] > r[1] > r[2] and r[2] < 0.1
+    assert quality.score_one(np.full_like(im, 215)) == 0  # blank canvas
+
+
+def test_heldout_prompts_are_disjoint_from_training_prompts():
+    def combination(text):  # a prompt and its mirror phrasing describe the same combination
+        p = parse_prompt(text)
+        if p.relation is None:
+            return p.objects
+        axis = "h" if p.relation in ("left of", "right of") else "v"
+        return frozenset(p.objects), axis
+
+    for task in ("composition", "fairness", "quality"):
+        train, held = training_prompts(task), heldout_prompts(task)
+        assert held and train and not set(train) & set(held)
+        assert not {combination(t) for t in train} & {combination(t) for t in held}
+        for text in train + held:
+            parse_prompt(text)
+    # every coloured object and every relation is still trained on
+    train = [parse_prompt(t) for t in training_prompts("composition")]
+    assert {o for p in train for o in p.objects} == {(c, s) for c in COLOURS for s in ("circle", "square", "triangle")}
+    assert {p.relation for p in train} == set(RELATIONS) | {None}
+    assert len(heldout_prompts("composition")) == 132
