@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -52,6 +53,23 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from rlds.bench import PARTS, run_bench
+    from rlds.config import load_config
+
+    name, overrides = split_overrides(args.args)
+    config = load_config(resolve_config(name), tuple(overrides))
+    balanced = load_config(resolve_config(args.balanced)) if args.balanced else None
+    parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        raise SystemExit(f"rlds bench: unknown part(s) {unknown}; parts: {', '.join(PARTS)}")
+    results = run_bench(config, parts, Path(args.out), balanced, int(args.weight_bytes), iterations=args.iterations)
+    print(json.dumps(results.get("summary", {}), indent=2))
+    print(f"wrote {args.out}/bench.json and {args.out}/bench.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rlds", description="Reinforcement learning for text-to-image diffusion models, on Ray.")
@@ -79,6 +97,24 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--num-per-prompt", type=int, default=1)
     sample.add_argument("--no-progress", action="store_true")
     sample.set_defaults(func=cmd_sample)
+
+    bench = sub.add_parser(
+        "bench", help="measure throughput: stages, pipeline, sync vs async, overhead, weights, scaling",
+        description="Benchmarks on this machine (CPU) with CONFIG's actors: each stage alone, the pipeline "
+                    "end to end and its efficiency, async over sync, rlds over a plain process, weight "
+                    "publication against a memcpy, and a simulated cluster from 1 to 16 samplers. Writes "
+                    "bench.json and bench.png to --out. The GPU benchmark is `python -m rlds.bench.gpu`.")
+    bench.add_argument("args", nargs="*", metavar="CONFIG | key=value")
+    bench.add_argument("--out", default="bench", help="output folder (default: bench/)")
+    bench.add_argument("--parts", default=",".join(["stages", "end_to_end", "sync_async", "overhead",
+                                                     "weights", "scaling"]),
+                       help="comma-separated subset of: stages,end_to_end,sync_async,overhead,weights,scaling")
+    bench.add_argument("--balanced", default="bench_balanced",
+                       help="config for sync vs async, one where sampling and learning cost about the same")
+    bench.add_argument("--weight-bytes", type=float, default=1.73e9,
+                       help="size of the published state (default: the SD2 UNet in bf16, 1.73 GB)")
+    bench.add_argument("--iterations", type=int, default=8, help="timed iterations per training run")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -16,15 +16,15 @@ def test_backpressure_staleness_and_batches(ray_local):
     from rlds.distributed.replay import ReplayStore
 
     store = ReplayStore.remote(batch_size=4, capacity=4, max_staleness=0, reward_timeout_s=30)
-    assert ray.get(store.reserve.remote("s", 2, 0)) == "ok"
-    assert ray.get(store.reserve.remote("s", 2, 0)) == "ok"
-    assert ray.get(store.reserve.remote("s", 2, 0)) == "wait"  # full
+    assert ray.get(store.reserve.remote("s", 2, 0))[0] == "ok"
+    assert ray.get(store.reserve.remote("s", 2, 0))[0] == "ok"
+    assert ray.get(store.reserve.remote("s", 2, 0))[0] == "wait"  # full
     for _ in range(2):
         add(ray, store, "s", 0, {"r": ray.put(np.ones(2, np.float32))})
     assert ray.get(store.get_batch.remote(0, 5.0)) is not None
     # the next batch needs version 1 in sync mode: version-0 samplers wait, version-1 ones may go
-    assert ray.get(store.reserve.remote("s", 2, 0)) == "wait"
-    assert ray.get(store.reserve.remote("s", 2, 1)) == "ok"
+    assert ray.get(store.reserve.remote("s", 2, 0))[0] == "wait"
+    assert ray.get(store.reserve.remote("s", 2, 1))[0] == "ok"
 
 
 def test_get_batch_times_out_without_consuming(ray_local):
@@ -32,10 +32,10 @@ def test_get_batch_times_out_without_consuming(ray_local):
     from rlds.distributed.replay import ReplayStore
 
     store = ReplayStore.remote(batch_size=4, capacity=8, max_staleness=1, reward_timeout_s=30)
-    assert ray.get(store.reserve.remote("s", 2, 0)) == "ok"
+    assert ray.get(store.reserve.remote("s", 2, 0))[0] == "ok"
     add(ray, store, "s", 0, {"r": ray.put(np.ones(2, np.float32))})
     assert ray.get(store.get_batch.remote(0, 0.2)) is None
-    assert ray.get(store.reserve.remote("s", 2, 0)) == "ok"
+    assert ray.get(store.reserve.remote("s", 2, 0))[0] == "ok"
     add(ray, store, "s", 0, {"r": ray.put(np.full(2, 2.0, np.float32))})
     batch = ray.get(store.get_batch.remote(0, 5.0))
     assert batch is not None and list(batch["scores"]["r"]) == [1, 1, 2, 2]
@@ -52,7 +52,7 @@ def test_failed_nan_and_stale_rewards_are_counted_not_lost(ray_local):
 
     store = ReplayStore.remote(batch_size=4, capacity=8, max_staleness=1, reward_timeout_s=30)
     for _ in range(3):
-        assert ray.get(store.reserve.remote("s", 2, 0)) == "ok"
+        assert ray.get(store.reserve.remote("s", 2, 0))[0] == "ok"
     add(ray, store, "s", 0, {"r": broken.remote()})
     add(ray, store, "s", 0, {"r": ray.put(np.array([1.0, np.nan], np.float32))})
     add(ray, store, "s", 0, {"r": ray.put(np.ones(2, np.float32))})
@@ -67,11 +67,11 @@ def test_a_dead_samplers_reservations_and_entries_are_released(ray_local):
     from rlds.distributed.replay import ReplayStore
 
     store = ReplayStore.remote(batch_size=4, capacity=4, max_staleness=0, reward_timeout_s=30)
-    assert ray.get(store.reserve.remote("a", 2, 0)) == "ok"
-    assert ray.get(store.reserve.remote("b", 2, 0)) == "ok"
+    assert ray.get(store.reserve.remote("a", 2, 0))[0] == "ok"
+    assert ray.get(store.reserve.remote("b", 2, 0))[0] == "ok"
     add(ray, store, "a", 0, {"r": ray.put(np.ones(2, np.float32))})
-    assert ray.get(store.reserve.remote("c", 2, 0)) == "wait"
+    assert ray.get(store.reserve.remote("c", 2, 0))[0] == "wait"
     assert ray.get(store.release.remote("b")) == 2
     assert ray.get(store.release.remote("a")) == 2
-    assert ray.get(store.reserve.remote("c", 4, 0)) == "ok"
+    assert ray.get(store.reserve.remote("c", 4, 0))[0] == "ok"
     assert ray.get(store.stats.remote())["drops"]["sampler_died"] == 4

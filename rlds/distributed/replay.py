@@ -68,19 +68,23 @@ class ReplayStore:
     def in_flight(self) -> int:
         return sum(self.reserved.values()) + self.pending + sum(len(e) for e in self.ready)
 
-    async def reserve(self, sampler: str, n: int, version: int) -> str:
-        """'ok' (sample n now), 'wait' (full, or the batch would be too stale) or 'stop'."""
+    async def reserve(self, sampler: str, n: int, version: int) -> tuple[str, int]:
+        """('ok' | 'wait' | 'stop', newest weights version).
+
+        'ok': sample n now; 'wait': full, or the batch would be too stale when trained. The version
+        lets a sampler see newer weights without asking the WeightStore every batch.
+        """
         if self.closed:
-            return "stop"
+            return "stop", self.learner_version
         in_flight = self.in_flight()
         if in_flight + n > self.capacity:
-            return "wait"
+            return "wait", self.learner_version
         trained_at = (self.consumed + in_flight) // self.batch_size  # the iteration that takes it
         if trained_at - version > self.max_staleness:
-            return "wait"
+            return "wait", self.learner_version
         self.reserved[sampler] += n
         self._gauge()
-        return "ok"
+        return "ok", self.learner_version
 
     async def add(self, sampler: str, wrapped_traj: list, wrapped_scores: dict, version: int,
             prompt_ids: np.ndarray, group_ids: np.ndarray) -> None:
@@ -138,7 +142,11 @@ class ReplayStore:
     # ----------------------------------------------------------- learner
 
     async def get_batch(self, learner_version: int, timeout_s: float) -> Optional[dict]:
-        """A full batch no staler than max_staleness, or None after timeout_s (nothing consumed)."""
+        """A full batch no staler than max_staleness, or None after timeout_s (nothing consumed).
+
+        `learner_version` is also the newest published weights version: the learner publishes
+        version v before the driver asks for batch v.
+        """
         self.learner_version = learner_version
         deadline = time.monotonic() + timeout_s
         async with self.changed:

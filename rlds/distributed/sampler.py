@@ -1,9 +1,10 @@
 """SamplerActor: turns prompts into trajectories in its own loop, with the newest weights it can get.
 
-Each pass: pull newer weights (between batches only, so one version makes a whole trajectory),
-reserve room in the ReplayStore (block while it says wait), sample, put the trajectory in the
-object store, send the images to every reward pool, and hand the references to the store.
-This actor owns what it put: if it dies, the store drops its entries (counted) and others refill.
+Each pass: pull newer weights when the store says there are some (between batches only, so one
+version makes a whole trajectory), reserve room in the ReplayStore (wait while it says so), sample,
+put the trajectory and its images in the object store, send the images to every reward pool, and
+hand the references to the store. This actor owns what it put: if it dies, the store drops its
+entries (counted) and the other samplers refill them.
 """
 from __future__ import annotations
 
@@ -15,27 +16,18 @@ import ray
 from rlds.config import Config
 
 
-@ray.remote
-class SamplerActor:
+class SamplerLoop:
+    """The loop, apart from how a batch is made (`make_trajectory`) and weights are loaded."""
+
+    poll_s = 0.01
+
     def __init__(self, index: int, config: Config, prompts: list[str], store, weight_store,
-                 reward_pools: list, epoch: int = 0, device: str = "cpu"):
-        import torch
+                 reward_pools: list, epoch: int = 0):
         from ray.util import metrics
 
-        from rlds.policy import load_policy
-        from rlds.policy.pipeline import DTYPES
-
-        torch.set_num_threads(config.torch_threads)
-        self.index, self.config, self.prompts, self.epoch = index, config, prompts, epoch
-        self.store, self.weight_store, self.reward_pools = store, weight_store, reward_pools
-        if device == "cpu" and ray.get_gpu_ids():
-            device = "cuda"
-        self.policy = load_policy(config.model, device)
-        self.dtype = DTYPES[config.model.dtype] if device != "cpu" else torch.float32
+        self.index, self.config, self.prompts = index, config, prompts
+        self.attach(store, weight_store, reward_pools, epoch)
         self.actor_id = ray.get_runtime_context().get_actor_id()
-        self.version = -1
-        self.batches = 0
-        self.time_idle = self.time_busy = 0.0
         tags = {"sampler": str(index)}
         self.samples_counter = metrics.Counter("rlds_samples", "Trajectories sampled", tag_keys=("sampler",))
         self.sample_hist = metrics.Histogram("rlds_sample_latency_s", "Seconds to sample one batch",
@@ -47,35 +39,49 @@ class SamplerActor:
         for m in (self.samples_counter, self.sample_hist, self.sync_hist, self.idle_gauge):
             m.set_default_tags(tags)
 
-    def pull_weights(self) -> bool:
-        from rlds.policy import load_flat_trainable
+    def attach(self, store, weight_store, reward_pools: list, epoch: int = 0) -> None:
+        """Point the loop at a (new) store: a fresh run, counters from zero, weights pulled anew."""
+        self.store, self.weight_store, self.reward_pools, self.epoch = store, weight_store, reward_pools, epoch
+        self.version, self.batches = -1, 0
+        self.time_idle = self.time_busy = self.time_sync = 0.0
 
+    def node(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def make_trajectory(self, prompts: list[str], prompt_ids, seeds, sample_ids):
+        raise NotImplementedError
+
+    def load_weights(self, flat: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def pull_weights(self) -> bool:
         newer = ray.get(self.weight_store.newer_than.remote(self.version))
         if newer is None:
             return False
         start = time.perf_counter()
         version, (ref,) = newer
-        # On CPU the weights stay in the object store's shared memory: no copy per sampler.
-        load_flat_trainable(self.policy.unet, ray.get(ref), share=True)
+        self.load_weights(ray.get(ref))
         self.version = version
-        self.sync_hist.observe(time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        self.time_sync += elapsed
+        self.sync_hist.observe(elapsed)
         return True
 
     def run(self, max_batches: int | None = None) -> dict:
-        """Sample until the store says stop; returns this sampler's counts."""
-        from rlds.policy import sample_trajectories
-
+        """Sample until the store says stop (or `max_batches` in all); returns this sampler's counts."""
         cfg = self.config
         n, g = cfg.sampler.batch_size, cfg.sampler.images_per_prompt
+        newest = 0  # the newest weights version the store has told us about
         while max_batches is None or self.batches < max_batches:
             wait_start = time.perf_counter()
-            self.pull_weights()
-            status = "wait" if self.version < 0 else ray.get(
-                self.store.reserve.remote(self.actor_id, n, self.version))
+            if newest > self.version or self.version < 0:
+                self.pull_weights()
+            status, newest = ray.get(self.store.reserve.remote(self.actor_id, n, self.version))
             if status == "stop":
                 break
             if status == "wait":
-                time.sleep(0.01)
+                if newest <= self.version or self.version < 0:  # nothing newer to fetch: wait
+                    time.sleep(self.poll_s)
                 self.time_idle += time.perf_counter() - wait_start
                 continue
             self.time_idle += time.perf_counter() - wait_start
@@ -85,10 +91,8 @@ class SamplerActor:
             group_base = (self.epoch << 48) + (self.index << 32) + self.batches * n
             group_ids = group_base + np.repeat(np.arange(n // g), g)
             seeds = rng.integers(2**62, size=n)  # one per chain: any sample can be redrawn alone
-            traj = sample_trajectories(
-                self.policy, [self.prompts[i] for i in prompt_ids], cfg.sampling,
-                seeds=seeds, policy_version=self.version, prompt_ids=prompt_ids,
-                sample_ids=group_base + np.arange(n), dtype=self.dtype)
+            traj = self.make_trajectory([self.prompts[i] for i in prompt_ids], prompt_ids, seeds,
+                                        group_base + np.arange(n))
             traj_ref = ray.put(traj)
             images_ref = ray.put(traj.images)
             scores = {pool.name: [pool.score(images_ref, traj.prompts, group_ids, self.batches + self.index)]
@@ -101,4 +105,36 @@ class SamplerActor:
             self.samples_counter.inc(n)
             self.idle_gauge.set(self.time_idle / max(1e-9, self.time_idle + self.time_busy))
         return {"sampler": self.index, "batches": self.batches, "time_idle_s": self.time_idle,
-                "time_busy_s": self.time_busy}
+                "time_busy_s": self.time_busy, "time_sync_s": self.time_sync}
+
+
+@ray.remote
+class SamplerActor(SamplerLoop):
+    """A sampler holding the policy: text encoder, UNet, scheduler, VAE where there is one."""
+
+    def __init__(self, index: int, config: Config, prompts: list[str], store, weight_store,
+                 reward_pools: list, epoch: int = 0, device: str = "cpu"):
+        import torch
+
+        from rlds.policy import load_policy
+        from rlds.policy.pipeline import DTYPES
+
+        torch.set_num_threads(config.torch_threads)
+        super().__init__(index, config, prompts, store, weight_store, reward_pools, epoch)
+        if device == "cpu" and ray.get_gpu_ids():
+            device = "cuda"
+        self.policy = load_policy(config.model, device)
+        self.dtype = DTYPES[config.model.dtype] if device != "cpu" else torch.float32
+
+    def load_weights(self, flat: np.ndarray) -> None:
+        from rlds.policy import load_flat_trainable
+
+        # On CPU the weights stay in the object store's shared memory: no copy per sampler.
+        load_flat_trainable(self.policy.unet, flat, share=True)
+
+    def make_trajectory(self, prompts, prompt_ids, seeds, sample_ids):
+        from rlds.policy import sample_trajectories
+
+        return sample_trajectories(self.policy, prompts, self.config.sampling, seeds=seeds,
+                                   policy_version=self.version, prompt_ids=prompt_ids,
+                                   sample_ids=sample_ids, dtype=self.dtype)

@@ -1,0 +1,147 @@
+"""`rlds bench`: throughput figures as JSON and a plot. See rlds/bench/core.py for what each means."""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+from rlds.config import Config
+
+PARTS = ("stages", "end_to_end", "sync_async", "overhead", "weights", "scaling")
+
+
+def run_bench(config: Config, parts: tuple[str, ...], out: Path, balanced: Config | None = None,
+              weight_bytes: int = 1_730_000_000, lora_bytes: int = 3_320_000, iterations: int = 8) -> dict:
+    from tqdm import tqdm
+
+    from rlds.bench import core
+    from rlds.trainer import connect_ray
+
+    results: dict = {"config": config.name, "machine": platform.node(), "cpus": _cpus(),
+                     "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    import ray
+
+    started = False
+    try:
+        for part in tqdm(parts, desc="rlds bench", unit="part"):
+            start = time.perf_counter()
+            if part == "scaling" and started:  # it starts a simulated cluster of its own
+                ray.shutdown()
+                started = False
+            elif part != "scaling" and not ray.is_initialized():
+                started = connect_ray(config)
+            if part == "stages":
+                stages = {"sampler": core.sampler_stage(config), "learner": core.learner_stage(config),
+                          "rewards": core.reward_stage(config)}
+                results["stages"] = stages
+            elif part == "end_to_end":
+                results["end_to_end"] = core.end_to_end(config, iterations)
+            elif part == "sync_async":
+                cfg = balanced or config
+                sync = core.end_to_end(core._with(cfg, **{"replay.max_staleness": 0}), iterations)
+                async_ = core.end_to_end(core._with(cfg, **{"replay.max_staleness": 1}), iterations)
+                results["sync_async"] = {"config": cfg.name, "sync": sync, "async": async_,
+                                         "async_over_sync": async_["trajectories_per_s"] / sync["trajectories_per_s"]}
+            elif part == "overhead":
+                import dataclasses
+
+                cfg = core._with(config, **{"sampler.num_workers": 1, "learner.num_workers": 1,
+                                            "replay.max_staleness": 0})
+                cfg.rewards = [dataclasses.replace(r, num_actors=1) for r in cfg.rewards]
+                rlds_run = core.end_to_end(cfg, iterations)
+                plain = core.plain_process(cfg, iterations)
+                results["overhead"] = {"rlds": rlds_run, "plain": plain,
+                                       "rlds_over_plain_time": plain["trajectories_per_s"] / rlds_run["trajectories_per_s"]}
+            elif part == "weights":
+                results["weights"] = {"full_unet": core.weight_publication(weight_bytes),
+                                      "lora": core.weight_publication(lora_bytes)}
+            elif part == "scaling":
+                from rlds.bench.scaling import run_scaling
+
+                results["scaling"] = run_scaling()
+            else:
+                raise ValueError(f"unknown bench part {part!r}; parts: {', '.join(PARTS)}")
+            results.setdefault("seconds", {})[part] = time.perf_counter() - start
+            _summarise(results)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "bench.json").write_text(json.dumps(results, indent=2))
+    finally:
+        if started:
+            ray.shutdown()
+    plot(results, out / "bench.png")
+    return results
+
+
+def _summarise(r: dict) -> None:
+    """The headline figures, next to the issue's targets."""
+    s = r.setdefault("summary", {})
+    if "stages" in r:
+        st = r["stages"]
+        slowest = min([st["sampler"]["trajectories_per_s"], st["learner"]["trajectories_per_s"]]
+                      + [v["images_per_s"] for v in st["rewards"].values()])
+        s["slowest_stage_trajectories_per_s"] = slowest
+        if "end_to_end" in r:
+            s["pipeline_efficiency"] = r["end_to_end"]["trajectories_per_s"] / slowest
+    if "sync_async" in r:
+        s["async_over_sync"] = r["sync_async"]["async_over_sync"]
+    if "overhead" in r:
+        s["framework_overhead"] = r["overhead"]["rlds_over_plain_time"]
+    if "weights" in r:
+        s["weights_4_samplers_over_memcpy"] = r["weights"]["full_unet"]["zero_copy_over_memcpy"]
+    if "scaling" in r and r["scaling"].get("trials"):
+        last = r["scaling"]["trials"][-1]
+        s[f"scaling_efficiency_{last['samplers']}_samplers"] = last["efficiency"]
+
+
+def _cpus() -> int:
+    import os
+
+    return os.cpu_count() or 0
+
+
+def plot(r: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    ax = axes[0]
+    if "stages" in r:
+        st = r["stages"]
+        names = ["sampler", "learner"] + [f"reward:{k}" for k in st["rewards"]]
+        values = [st["sampler"]["trajectories_per_s"], st["learner"]["trajectories_per_s"]] + \
+                 [v["images_per_s"] for v in st["rewards"].values()]
+        if "end_to_end" in r:
+            names.append("end to end")
+            values.append(r["end_to_end"]["trajectories_per_s"])
+        ax.barh(names, values, color=["C0"] * (len(values) - 1) + ["C3"])
+        ax.set_xscale("log")
+        ax.set_xlabel("trajectories (images) per second")
+        ax.set_title("stages alone and end to end")
+    ax = axes[1]
+    bars = {}
+    if "sync_async" in r:
+        bars["sync"] = r["sync_async"]["sync"]["trajectories_per_s"]
+        bars["async"] = r["sync_async"]["async"]["trajectories_per_s"]
+    if "overhead" in r:
+        bars["plain process"] = r["overhead"]["plain"]["trajectories_per_s"]
+        bars["rlds, 1+1 sync"] = r["overhead"]["rlds"]["trajectories_per_s"]
+    if bars:
+        ax.bar(list(bars), list(bars.values()), color=["C0", "C2", "C7", "C1"][:len(bars)])
+        ax.set_ylabel("trajectories per second")
+        ax.set_title("sync vs async; Ray vs one process")
+    ax = axes[2]
+    if "scaling" in r and r["scaling"].get("trials"):
+        n = [t["samplers"] for t in r["scaling"]["trials"]]
+        t = [t["trajectories_per_s"] for t in r["scaling"]["trials"]]
+        ax.plot(n, t, "o-", label="measured")
+        ax.plot(n, [t[0] * k / n[0] for k in n], "--", color="gray", label="linear")
+        ax.set_xlabel("samplers")
+        ax.set_ylabel("trajectories per second")
+        ax.set_title("simulated cluster scaling")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

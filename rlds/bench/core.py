@@ -1,0 +1,218 @@
+"""CPU benchmarks of rlds itself: each stage alone, the whole pipeline, sync against async, Ray's
+overhead against one plain process, and weight publication. Every figure comes from the code that
+trains (the same actors, the same update), timed after a warm-up.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from rlds.config import Config, prompt_list
+
+
+def _with(config: Config, **changes) -> Config:
+    """A copy of the config with dotted-key changes, e.g. {"replay.max_staleness": 1}."""
+    config = dataclasses.replace(config)
+    for key, value in changes.items():
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents:
+            child = dataclasses.replace(getattr(node, part))
+            setattr(node, part, child)
+            node = child
+        setattr(node, leaf, value)
+    return config
+
+
+def _publish_initial(config: Config, weights) -> None:
+    from rlds.policy import flatten_trainable, load_policy
+
+    policy = load_policy(config.model)
+    ray.get(weights.publish.remote(0, [ray.put(flatten_trainable(policy.unet))]))
+
+
+def sampler_stage(config: Config, batches: int = 4) -> dict:
+    """All sampler actors of the config, sampling with nothing downstream but the store."""
+    from rlds.distributed.replay import ReplayStore
+    from rlds.distributed.sampler import SamplerActor
+    from rlds.distributed.weights import WeightStore
+
+    n = config.sampler.num_workers
+    per = config.sampler.batch_size
+    weights = WeightStore.remote()
+    store = ReplayStore.remote(per, per * n * (batches + 1), 10**6, 60.0)
+    _publish_initial(config, weights)
+    actors = [SamplerActor.options(num_cpus=config.sampler.num_cpus).remote(
+        i, config, prompt_list(config), store, weights, []) for i in range(n)]
+    ray.get([a.run.remote(max_batches=1) for a in actors])  # warm-up
+    start = time.perf_counter()
+    ray.get([a.run.remote(max_batches=1 + batches) for a in actors])
+    elapsed = time.perf_counter() - start
+    for a in actors + [store, weights]:
+        ray.kill(a)
+    return {"trajectories_per_s": n * per * batches / elapsed, "samplers": n, "seconds": elapsed}
+
+
+def reward_stage(config: Config, calls_per_actor: int = 8) -> dict:
+    """Each reward pool alone, fed sampler-sized batches of real images from the base model."""
+    import torch
+
+    from rlds.distributed.reward import RewardPool
+    from rlds.policy import load_policy, sample_trajectories
+
+    torch.set_num_threads(config.torch_threads)
+    prompts = prompt_list(config)
+    per = config.sampler.batch_size
+    traj = sample_trajectories(load_policy(config.model), [prompts[i % len(prompts)] for i in range(per)],
+                               config.sampling, seeds=list(range(per)))
+    images = ray.put(traj.images)
+    groups = np.repeat(np.arange(per // config.sampler.images_per_prompt), config.sampler.images_per_prompt)
+    out = {}
+    for rc in config.rewards:
+        pool = RewardPool(rc, config.torch_threads)
+        ray.get([pool.score(images, traj.prompts, groups, k) for k in range(len(pool.actors))])  # warm-up
+        calls = calls_per_actor * len(pool.actors)
+        start = time.perf_counter()
+        ray.get([pool.score(images, traj.prompts, groups, k) for k in range(calls)])
+        elapsed = time.perf_counter() - start
+        out[rc.name] = {"images_per_s": calls * per / elapsed, "actors": len(pool.actors)}
+        for a in pool.actors:
+            ray.kill(a)
+    return out
+
+
+def learner_stage(config: Config, updates: int = 3) -> dict:
+    """The LearnerGroup alone, updating on trajectories already in the object store."""
+    import torch
+
+    from rlds.distributed.learner import LearnerGroup
+    from rlds.distributed.weights import WeightStore
+    from rlds.policy import load_policy, sample_trajectories
+
+    torch.set_num_threads(config.torch_threads)
+    policy = load_policy(config.model)
+    per, total = config.sampler.batch_size, config.algo.batch_size
+    prompts = prompt_list(config)
+    refs = [[ray.put(sample_trajectories(policy, [prompts[(b * per + i) % len(prompts)] for i in range(per)],
+                                         config.sampling, seeds=list(range(b * per, (b + 1) * per))))]
+            for b in range(total // per)]
+    advantages = np.random.default_rng(0).standard_normal(total).astype(np.float32)
+    weights = WeightStore.remote()
+    group = LearnerGroup(config, weights)
+    ray.get(group.update(refs, advantages, [per] * len(refs), 0))  # warm-up
+    start = time.perf_counter()
+    for it in range(1, 1 + updates):
+        ray.get(group.update(refs, advantages, [per] * len(refs), it))
+    elapsed = time.perf_counter() - start
+    group.shutdown()
+    ray.kill(weights)
+    return {"trajectories_per_s": total * updates / elapsed, "learners": group.size,
+            "update_s": elapsed / updates}
+
+
+def end_to_end(config: Config, iterations: int = 8, warmup: int = 2) -> dict:
+    """A real training run; steady-state throughput after `warmup` iterations."""
+    from rlds.metrics import read_metrics
+    from rlds.trainer import Trainer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run = _with(config, iterations=iterations + warmup, run_dir=tmp, checkpoint_every=10**6,
+                    sample_grid_every=0, resume=None)
+        Trainer(run, progress=False).run()
+        rows = read_metrics(Path(tmp) / "metrics.jsonl")[warmup:]
+    seconds = sum(r["time/iteration_s"] for r in rows)
+    return {"trajectories_per_s": config.algo.batch_size * len(rows) / seconds,
+            "iteration_s": seconds / len(rows), "policy_lag_max": max(r["policy_lag/max"] for r in rows),
+            "reward_first": rows[0]["reward/mean"], "reward_last": rows[-1]["reward/mean"]}
+
+
+def plain_process(config: Config, iterations: int = 8, warmup: int = 2) -> dict:
+    """The same algorithm with no Ray: sample, score, normalise, update, in one process."""
+    import torch
+
+    from rlds.algo import compute_advantages, make_optimizer, ppo_update
+    from rlds.policy import load_policy, sample_trajectories
+    from rlds.rewards import build_reward
+
+    torch.set_num_threads(config.torch_threads)
+    policy = load_policy(config.model)
+    opt = make_optimizer([p for p in policy.unet.parameters() if p.requires_grad], config.algo)
+    rewards = [(build_reward(r.name, r.args), r.weight) for r in config.rewards]
+    prompts = prompt_list(config)
+    per, total = config.sampler.batch_size, config.algo.batch_size
+    rng = np.random.default_rng(config.seed)
+    times = []
+    for it in range(iterations + warmup):
+        start = time.perf_counter()
+        trajs, scores = [], []
+        for _ in range(total // per):
+            chosen = [prompts[i] for i in rng.integers(len(prompts), size=per)]
+            traj = sample_trajectories(policy, chosen, config.sampling, seeds=rng.integers(2**62, size=per))
+            trajs.append(traj)
+            scores.append(sum(w * f(traj.images, chosen, np.arange(per)) for f, w in rewards))
+        adv = compute_advantages(np.concatenate(scores), config.algo.advantage, config.algo.advantage_clip,
+                                 np.zeros(total, np.int64), np.arange(total))
+        policy.scheduler.set_timesteps(config.sampling.num_steps)
+        ppo_update(policy, trajs, np.split(adv, len(trajs)), opt, config.algo, rng)
+        times.append(time.perf_counter() - start)
+    seconds = sum(times[warmup:])
+    return {"trajectories_per_s": total * iterations / seconds, "iteration_s": seconds / iterations}
+
+
+@ray.remote(num_cpus=0)
+class WeightReceiver:
+    """A sampler's weight intake without the model: the same pull and load as SamplerActor."""
+
+    def __init__(self, weights, numel: int, share: bool):
+        import torch
+
+        self.weights, self.share, self.version = weights, share, -1
+        self.module = torch.nn.Module()
+        self.module.flat = torch.nn.Parameter(torch.zeros(numel))
+
+    def pull(self) -> float:
+        from rlds.policy import load_flat_trainable
+
+        start = time.perf_counter()
+        version, (ref,) = ray.get(self.weights.newer_than.remote(self.version))
+        load_flat_trainable(self.module, ray.get(ref), share=self.share)
+        self.version = version
+        return time.perf_counter() - start
+
+
+def weight_publication(size_bytes: int, receivers: int = 4, repeats: int = 3) -> dict:
+    """Publish a state of `size_bytes` and have `receivers` samplers load it, against one memcpy."""
+    from rlds.distributed.weights import WeightStore
+
+    numel = size_bytes // 4
+    src = np.random.default_rng(0).standard_normal(numel, dtype=np.float32)
+    dst = np.empty_like(src)
+    memcpy = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        memcpy.append(time.perf_counter() - start)
+    del dst
+    out = {"bytes": int(numel * 4), "receivers": receivers, "memcpy_s": min(memcpy)}
+    for share in (True, False):
+        weights = WeightStore.remote()
+        actors = [WeightReceiver.remote(weights, numel, share) for _ in range(receivers)]
+        ray.get([a.__ray_ready__.remote() for a in actors])
+        times = []
+        for version in range(repeats):
+            src[0] = version  # a new state each time
+            start = time.perf_counter()
+            ray.get(weights.publish.remote(version, [ray.put(src)]))  # what rank 0 does
+            ray.get([a.pull.remote() for a in actors])
+            times.append(time.perf_counter() - start)
+        key = "zero_copy" if share else "copy"
+        out[f"{key}_s"] = min(times)
+        out[f"{key}_over_memcpy"] = min(times) / out["memcpy_s"]
+        for a in actors + [weights]:
+            ray.kill(a)
+    return out

@@ -1,0 +1,349 @@
+"""Sampler scaling on a simulated cluster: how close do N samplers come to N times one?
+
+The model work is modelled (a sampler sleeps `sample_cost_s` per batch instead of running a UNet,
+the reward and the learner sleep their own costs), and everything else is rlds' real system:
+the ReplayStore actor (reservations with backpressure and the staleness gate, joining scores,
+handing out full batches), the WeightStore (one versioned reference, samplers pull when newer),
+the RewardPool dispatch, the advantages, and the trainer's get-batch/update loop. The cluster is a
+`ray.cluster_utils.Cluster` on this machine: a head node (store, weights, learner, rewards) and
+`nodes` worker nodes, samplers spread over them round-robin.
+
+`ModelledSampler` runs the real sampler loop (`SamplerLoop`: pull weights, reserve, sample, put,
+score, add) with `make_trajectory` replaced by the sleep: 16 processes holding a UNet each would
+not fit two CPU cores.
+
+Weak scaling, as in the paper: each sampler contributes `batch_size` trajectories to every
+iteration (global batch = samplers x batch_size), with `max_staleness` 1 so that sampling the next
+batch overlaps learning on this one. Efficiency(n) = throughput(n) / (n x throughput(1)).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import ray
+
+from rlds.config import Config, SamplerConfig
+from rlds.distributed.replay import ReplayStore
+from rlds.distributed.sampler import SamplerLoop
+from rlds.policy.sampling import Trajectory
+from rlds.distributed.reward import RewardPool
+from rlds.distributed.weights import WeightStore
+
+HEAD_RESOURCE = "sim_head"  # the head node: store, weights, learner, reward actors
+NODE_RESOURCE = "sim_node"  # a sampler slot on any worker node; sim_node_<i> pins to node i
+TARGET_EFFICIENCY_AT_16 = 0.90  # the issue's target
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------- modelled actors
+
+
+@ray.remote(num_cpus=0)
+class ModelledRewardActor:
+    """Scores a sampler batch after `cost_s` (a reward model's latency); random scores."""
+
+    def __init__(self, name: str, cost_s: float, seed: int = 0):
+        self.name, self.cost_s = name, cost_s
+        self.rng = np.random.default_rng(seed)
+
+    def score(self, images: np.ndarray, prompts: list[str], group_ids: np.ndarray) -> np.ndarray:
+        time.sleep(self.cost_s)
+        return self.rng.normal(size=len(prompts)).astype(np.float32)
+
+
+class ModelledRewardPool(RewardPool):
+    """rlds' RewardPool (its `score` dispatch is inherited) over modelled reward actors."""
+
+    def __init__(self, name: str, num_actors: int, cost_s: float):
+        self.name = name
+        self.actors = [ModelledRewardActor.options(resources={HEAD_RESOURCE: 1}).remote(name, cost_s, i)
+                       for i in range(num_actors)]
+
+
+@ray.remote(num_cpus=1)
+class ModelledSampler(SamplerLoop):
+    """rlds' sampler loop (SamplerLoop, as SamplerActor runs it) with the UNet replaced by a sleep.
+
+    The trajectory is a real `Trajectory` with small arrays; it goes through the object store, the
+    reward pools and the ReplayStore exactly as a full one does.
+    """
+
+    def __init__(self, index: int, batch_size: int, sample_cost_s: float, latent_shape: Sequence[int],
+                 num_steps: int, poll_s: float = 0.01):
+        config = Config(sampler=SamplerConfig(batch_size=batch_size), seed=0)
+        super().__init__(index, config, [f"prompt {i}" for i in range(1000)], None, None, [])
+        self.sample_cost_s, self.latent_shape, self.num_steps = sample_cost_s, tuple(latent_shape), num_steps
+        self.poll_s = poll_s
+
+    def load_weights(self, flat: np.ndarray) -> None:
+        self.weights = np.array(flat)  # stands in for load_flat_trainable (a copy, as on a GPU)
+
+    def make_trajectory(self, prompts, prompt_ids, seeds, sample_ids):
+        time.sleep(self.sample_cost_s)  # the modelled UNet: num_steps guided DDIM steps
+        n, rng = len(prompts), np.random.default_rng(int(seeds[0]))
+        return Trajectory(
+            latents=rng.standard_normal((n, self.num_steps + 1) + self.latent_shape, dtype=np.float32),
+            timesteps=np.arange(self.num_steps, dtype=np.int64)[::-1].copy(),
+            log_probs=rng.standard_normal((n, self.num_steps), dtype=np.float32),
+            prompt_embeds=np.zeros((n, 4, 8), np.float32), negative_embeds=np.zeros((1, 4, 8), np.float32),
+            images=rng.integers(0, 255, size=(n, 8, 8, 3), dtype=np.uint8), prompts=prompts,
+            prompt_ids=prompt_ids, sample_ids=sample_ids, policy_version=self.version,
+            guidance_scale=1.0, eta=1.0)
+
+
+@ray.remote(num_cpus=0)
+class ModelledLearner:
+    """LearnerActor's update with the K-step PPO update replaced by `time.sleep(update_cost_s)`."""
+
+    def __init__(self, weight_store, update_cost_s: float, weight_values: int):
+        self.weight_store, self.update_cost_s = weight_store, update_cost_s
+        self.weights = np.zeros(weight_values, dtype=np.float32)
+
+    def publish(self, version: int) -> float:
+        start = time.perf_counter()
+        self.weights += 1.0  # a new version of the flat buffer
+        ref = ray.put(self.weights)
+        ray.get(self.weight_store.publish.remote(version, [ref]))
+        return time.perf_counter() - start
+
+    def update(self, wrapped_refs: list, advantages: list, iteration: int) -> dict:
+        start = time.perf_counter()
+        trajectories = ray.get([w[0] for w in wrapped_refs])
+        fetch_s = time.perf_counter() - start
+        assert len(trajectories) == len(advantages)
+        time.sleep(self.update_cost_s)
+        publish_s = self.publish(iteration + 1)
+        return {"time/fetch_s": fetch_s, "time/publish_s": publish_s,
+                "time/update_s": time.perf_counter() - start}
+
+
+# ---------------------------------------------------------------------- one trial
+
+
+def _next_batch(store, iteration: int, timeout_s: float) -> dict:
+    """Trainer._next_batch: poll the store with a short server-side wait, never block for ever."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        ref = store.get_batch.remote(iteration, 1.0)
+        ready, _ = ray.wait([ref], timeout=timeout_s)
+        if not ready:
+            raise TimeoutError(f"the ReplayStore did not answer in {timeout_s} s")
+        batch = ray.get(ref)
+        if batch is not None:
+            return batch
+        if time.monotonic() > deadline:
+            stats = ray.get(store.stats.remote(), timeout=10)
+            raise TimeoutError(f"no full batch for iteration {iteration} in {timeout_s} s; store: {stats}")
+
+
+def _trial(samplers: list, pools: list, n: int, batch_size: int, global_batch: int, warmup: int,
+           iterations: int, max_staleness: int, update_cost_s: float, weight_values: int,
+           timeout_s: float, epoch: int) -> dict:
+    import psutil
+
+    from rlds.algo.advantages import compute_advantages
+
+    capacity = (max_staleness + 1) * global_batch  # the trainer's default
+    head = {"resources": {HEAD_RESOURCE: 1}}
+    store = ReplayStore.options(**head).remote(global_batch, capacity, max_staleness, timeout_s)
+    weights = WeightStore.options(**head).remote()
+    learner = ModelledLearner.options(**head).remote(weights, update_cost_s, weight_values)
+    loops = []
+    try:
+        ray.get(learner.publish.remote(0), timeout=timeout_s)
+        psutil.cpu_percent(None)
+        start = time.perf_counter()
+        ray.get([s.attach.remote(store, weights, pools, epoch) for s in samplers[:n]], timeout=timeout_s)
+        loops = [s.run.remote() for s in samplers[:n]]
+        done_at, lags, update_s, wait_s = [], [], [], []
+        for it in range(warmup + iterations):
+            t0 = time.perf_counter()
+            batch = _next_batch(store, it, timeout_s)
+            wait_s.append(time.perf_counter() - t0)
+            rewards = sum(batch["scores"].values())
+            adv = compute_advantages(rewards, "batch", 10.0, batch["prompt_ids"], batch["group_ids"])
+            sizes = np.cumsum([0] + [batch_size] * len(batch["traj_refs"]))
+            advs = [adv[sizes[i]:sizes[i + 1]] for i in range(len(batch["traj_refs"]))]
+            call = learner.update.remote(batch["traj_refs"], advs, it)
+            ready, _ = ray.wait([call], timeout=timeout_s)
+            if not ready:
+                raise TimeoutError(f"the modelled learner did not finish iteration {it} in {timeout_s} s")
+            update_s.append(ray.get(call)["time/update_s"])
+            done_at.append(time.perf_counter())
+            lags.extend(batch["lags"])
+        window = done_at[-1] - done_at[warmup - 1] if warmup else done_at[-1] - start
+        throughput = iterations * global_batch / window
+        cpu = psutil.cpu_percent(None)  # the whole machine's, over the trial
+        ray.get(store.close.remote(), timeout=timeout_s)
+        finished, _ = ray.wait(loops, num_returns=len(loops), timeout=timeout_s)
+        per_sampler = ray.get(finished)
+        stats = ray.get(store.stats.remote(), timeout=timeout_s)
+    finally:
+        for actor in (store, weights, learner):
+            ray.kill(actor)
+    busy = sum(s["time_busy_s"] for s in per_sampler)
+    idle = sum(s["time_idle_s"] for s in per_sampler)
+    steady_wait = wait_s[warmup:]
+    batches = max(1, sum(s["batches"] for s in per_sampler))
+    loop = {key: sum(s[key] for s in per_sampler) / batches
+            for key in ("time_idle_s", "time_busy_s", "time_sync_s")}
+    return {
+        "samplers": n, "global_batch": global_batch, "iterations_timed": iterations,
+        "trajectories_per_s": throughput, "seconds_timed": window,
+        "iteration_s": window / iterations,
+        "learner_update_s": float(np.mean(update_s[warmup:])),
+        "learner_wait_s": float(np.mean(steady_wait)),
+        "learner_idle_ratio": float(np.sum(steady_wait) / window),
+        "sampler_idle_ratio": idle / max(1e-9, idle + busy),
+        "sampler_loop_per_batch": loop,
+        "cpu_percent": cpu,
+        "sampler_batches": [s["batches"] for s in sorted(per_sampler, key=lambda s: s["sampler"])],
+        "samplers_finished": len(per_sampler),
+        "policy_lag_mean": float(np.mean(lags)), "policy_lag_max": int(np.max(lags)),
+        "samples_added": stats["added"], "samples_trained": stats["consumed"],
+        "drops": stats["drops"],
+    }
+
+
+# ---------------------------------------------------------------------- the benchmark
+
+
+def run_scaling(sampler_counts: Sequence[int] = (1, 2, 4, 8, 16), nodes: int = 4, sample_cost_s: float = 0.2,
+                batch_size: int = 4, iterations: int = 15, warmup: int = 3, max_staleness: int = 1,
+                update_cost_s: float = 0.05, reward_cost_s: float = 0.005, reward_actors: int = 2,
+                latent_shape: Sequence[int] = (4, 8, 8), num_steps: int = 10, weight_values: int = 1 << 16,
+                sampler_poll_s: float = 0.01, time_budget_s: float = 150.0, timeout_s: float = 60.0) -> dict:
+    """Throughput of 1..N modelled samplers feeding rlds' real ReplayStore/WeightStore; a JSON-able dict.
+
+    Starts (and always stops) its own `ray.cluster_utils.Cluster`: a head node and `nodes` worker
+    nodes; never touches another Ray instance. Sampler counts past `time_budget_s` are skipped
+    (said in notes).
+    """
+    import psutil
+    from ray._private.utils import get_ray_address_file
+
+    if ray.is_initialized():
+        raise RuntimeError("run_scaling starts its own simulated cluster: call it with Ray not initialised")
+    if iterations < 1 or warmup < 0:
+        raise ValueError("iterations must be >= 1 and warmup >= 0")
+    counts = sorted(set(int(c) for c in sampler_counts))
+    if not counts or counts[0] < 1:
+        raise ValueError(f"sampler_counts must be positive, got {sampler_counts}")
+    if update_cost_s >= sample_cost_s:
+        raise ValueError("update_cost_s must stay below sample_cost_s, or the learner is the bottleneck")
+    wall_start = time.perf_counter()
+    notes: list[str] = []
+    slots = math.ceil(counts[-1] / nodes)
+    mem_before = psutil.virtual_memory().available
+    # Cluster() writes its address to /tmp/ray/ray_current_cluster, which `ray.init("auto")` of
+    # anyone else on this machine would then follow: put back what was there.
+    address_file = get_ray_address_file(None)
+    previous_address = Path(address_file).read_text() if os.path.exists(address_file) else None
+    from ray.cluster_utils import Cluster
+
+    cluster = None
+    result: dict = {"config": {
+        "sampler_counts": counts, "nodes": nodes, "slots_per_node": slots, "sample_cost_s": sample_cost_s,
+        "batch_size": batch_size, "global_batch": "samplers x batch_size", "iterations": iterations,
+        "warmup": warmup, "max_staleness": max_staleness, "update_cost_s": update_cost_s,
+        "reward_cost_s": reward_cost_s, "reward_actors": reward_actors, "sampler_poll_s": sampler_poll_s,
+        "trajectory_bytes": 4 * batch_size * (num_steps + 1) * int(np.prod(latent_shape)),
+        "weight_bytes": 4 * weight_values, "machine_cpus": os.cpu_count(),
+    }, "notes": notes}
+    try:
+        t0 = time.perf_counter()
+        cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 1, "resources": {HEAD_RESOURCE: 1000}, "include_dashboard": False,
+            "dashboard_port": _free_port(), "dashboard_agent_listen_port": _free_port(),
+            "_system_config": {"metrics_report_interval_ms": 60000}})
+        for i in range(nodes):  # worker nodes pick their own free agent ports (Cluster does that)
+            cluster.add_node(num_cpus=slots, resources={NODE_RESOURCE: slots, f"{NODE_RESOURCE}_{i}": slots})
+        ray.init(address=cluster.address, log_to_driver=False)
+        result["cluster_start_s"] = round(time.perf_counter() - t0, 2)
+
+        t0 = time.perf_counter()
+        pools = [ModelledRewardPool("modelled", reward_actors, reward_cost_s)]
+        samplers = [ModelledSampler.options(resources={NODE_RESOURCE: 1, f"{NODE_RESOURCE}_{i % nodes}": 1})
+                    .remote(i, batch_size, sample_cost_s, latent_shape, num_steps, sampler_poll_s)
+                    for i in range(counts[-1])]
+        sampler_nodes = ray.get([s.node.remote() for s in samplers], timeout=180)
+        result["actors_start_s"] = round(time.perf_counter() - t0, 2)
+        result["sampler_nodes"] = len(set(sampler_nodes))
+        result["memory_used_gb"] = round((mem_before - psutil.virtual_memory().available) / 2**30, 2)
+
+        trials = []
+        for epoch, n in enumerate(counts):
+            elapsed = time.perf_counter() - wall_start
+            estimate = (warmup + iterations) * sample_cost_s * 1.5 + 5
+            if trials and elapsed + estimate > time_budget_s:
+                notes.append(f"skipped {n}+ samplers: {elapsed:.0f} s of the {time_budget_s:.0f} s budget spent")
+                break
+            trials.append(_trial(samplers, pools, n, batch_size, n * batch_size, warmup, iterations,
+                                 max_staleness, update_cost_s, weight_values, timeout_s, epoch))
+        saturated = [t["samplers"] for t in trials if t["cpu_percent"] >= 90]
+        if saturated:
+            notes.append(f"this machine's {os.cpu_count()} CPUs were >= 90% busy (machine-wide, other work "
+                         f"included) during the trials with {saturated} samplers: there the simulation (every "
+                         "node's Ray processes share these cores), not only rlds, limits throughput; see "
+                         "sampler_loop_per_batch for where a sampler's loop spends its time, and raise "
+                         "sample_cost_s to model a real sampler's batch more closely")
+        base = trials[0]["trajectories_per_s"] / trials[0]["samplers"]  # per sampler, at the fewest
+        for t in trials:
+            t["ideal_trajectories_per_s"] = t["samplers"] * batch_size / sample_cost_s
+            t["efficiency_vs_ideal"] = t["trajectories_per_s"] / t["ideal_trajectories_per_s"]
+            t["efficiency"] = t["trajectories_per_s"] / (t["samplers"] * base)
+        result["trials"] = trials
+        result["efficiency"] = {str(t["samplers"]): round(t["efficiency"], 4) for t in trials}
+        at16 = next((t["efficiency"] for t in trials if t["samplers"] == 16), None)
+        result["target"] = {"samplers": 16, "efficiency": TARGET_EFFICIENCY_AT_16,
+                            "measured": at16, "met": (at16 >= TARGET_EFFICIENCY_AT_16) if at16 is not None else None}
+        if counts[0] != 1:
+            notes.append(f"efficiency is relative to {counts[0]} samplers (no 1-sampler trial)")
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
+        if previous_address is None:
+            if os.path.exists(address_file):
+                os.remove(address_file)
+        else:
+            Path(address_file).write_text(previous_address)
+    result["wall_s"] = round(time.perf_counter() - wall_start, 2)
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rlds.bench.scaling", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", help="write the results here as JSON")
+    parser.add_argument("--samplers", default="1,2,4,8,16", help="comma-separated sampler counts")
+    parser.add_argument("--nodes", type=int, default=4)
+    parser.add_argument("--sample-cost", type=float, default=0.2, help="modelled seconds per sampler batch")
+    parser.add_argument("--iterations", type=int, default=15)
+    args = parser.parse_args(argv)
+    result = run_scaling(sampler_counts=[int(c) for c in args.samplers.split(",")], nodes=args.nodes,
+                         sample_cost_s=args.sample_cost, iterations=args.iterations)
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(json.dumps({"efficiency": result["efficiency"], "target": result["target"],
+                      "wall_s": result["wall_s"], "notes": result["notes"]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

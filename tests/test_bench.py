@@ -1,0 +1,37 @@
+"""`rlds bench` runs its parts on the real actors and writes figures that make sense."""
+import json
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def test_stage_and_weight_benchmarks(ray_local, tiny_config):
+    from rlds.bench import core
+
+    config = tiny_config("iterations=2")
+    sampler = core.sampler_stage(config, batches=1)
+    learner = core.learner_stage(config, updates=1)
+    rewards = core.reward_stage(config, calls_per_actor=1)
+    assert sampler["trajectories_per_s"] > 0 and learner["trajectories_per_s"] > 0
+    assert set(rewards) == {r.name for r in config.rewards}
+    weights = core.weight_publication(4_000_000, receivers=2, repeats=1)
+    assert weights["bytes"] == 4_000_000 and weights["zero_copy_s"] > 0 and weights["copy_s"] > 0
+
+
+def test_plain_process_runs_the_same_algorithm(tiny_config):
+    from rlds.bench import core
+
+    out = core.plain_process(tiny_config(), iterations=1, warmup=0)
+    assert np.isfinite(out["trajectories_per_s"]) and out["trajectories_per_s"] > 0
+
+
+def test_bench_writes_json_and_plot(ray_local, tiny_config, tmp_path):
+    from rlds.bench import run_bench
+
+    results = run_bench(tiny_config(), ("stages", "end_to_end"), tmp_path, iterations=2)
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["summary"]["pipeline_efficiency"] == pytest.approx(results["summary"]["pipeline_efficiency"])
+    assert 0 < saved["summary"]["pipeline_efficiency"] < 2
+    assert (tmp_path / "bench.png").stat().st_size > 1000
