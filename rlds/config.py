@@ -109,6 +109,11 @@ class AlgoConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     max_grad_norm: float = 1.0
+    # L_pre, the paper's regulariser: one step on beta * noise-prediction MSE after the RL steps,
+    # on an image-caption Parquet set (columns `image`: encoded bytes, `caption`: text).
+    pretrain_beta: float = 0.0
+    pretrain_data: Optional[str] = None
+    pretrain_batch_size: int = 16
 
 
 @dataclass
@@ -299,6 +304,13 @@ def validate(c: Config, where: str = "config") -> None:
         fail("replay.max_staleness", "must be 0 or more")
     if c.replay.capacity is not None and c.replay.capacity < a.batch_size:
         fail("replay.capacity", f"must hold at least one batch (algo.batch_size = {a.batch_size})")
+    if a.pretrain_beta < 0:
+        fail("algo.pretrain_beta", "must be 0 (off) or more")
+    if a.pretrain_beta > 0:
+        if not a.pretrain_data:
+            fail("algo.pretrain_data", "algo.pretrain_beta > 0 needs an image-caption Parquet file or folder")
+        if not Path(a.pretrain_data).exists():
+            fail("algo.pretrain_data", f"not found: {a.pretrain_data}")
     if c.sampling.eta <= 0:
         fail("sampling.eta", "must be above 0: the policy needs a stochastic DDIM step")
 

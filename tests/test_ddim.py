@@ -71,3 +71,20 @@ def test_first_ratio_is_exactly_one_and_positive_advantage_raises_logprob():
     gain = step_log_prob(policy, traj, step).detach().numpy() - traj.log_probs[:, step]
     assert gain[0] > 0, gain
     assert gain[0] > gain[1:].max(), gain
+
+
+def test_v_prediction_gives_the_same_step_as_the_equivalent_epsilon():
+    from diffusers import DDIMScheduler
+
+    eps_s = tiny_scheduler()
+    v_s = DDIMScheduler.from_config(eps_s.config, prediction_type="v_prediction")
+    for s in (eps_s, v_s):
+        s.set_timesteps(10)
+    x_t, eps = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    t = eps_s.timesteps[3]
+    a = eps_s.alphas_cumprod[t]
+    x0 = (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+    v = a.sqrt() * eps - (1 - a).sqrt() * x0  # v = alpha_t * noise - sigma_t * x0
+    prev, logp = ddim_step_with_logprob(eps_s, eps, t, x_t, eta=1.0)
+    _, logp_v = ddim_step_with_logprob(v_s, v, t, x_t, eta=1.0, prev_sample=prev)
+    torch.testing.assert_close(logp_v, logp, rtol=1e-4, atol=1e-4)

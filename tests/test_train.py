@@ -77,11 +77,17 @@ def test_sample_command_uses_the_checkpoint(sync_run, tmp_path):
     assert tuned.mean() > base.mean()  # trained for brightness
 
 
-def test_async_lag_never_exceeds_max_staleness(ray_local, tiny_config, tmp_path):
-    config = tiny_config(f"run_dir={tmp_path}", "iterations=6", "replay.max_staleness=1")
+def test_async_lag_never_exceeds_max_staleness_with_the_pretraining_step(ray_local, tiny_config, tmp_path):
+    from rlds.data.pretrain_set import write_pretrain_set
+
+    write_pretrain_set(tmp_path / "pretrain.parquet", 64, seed=0)
+    config = tiny_config(f"run_dir={tmp_path}", "iterations=6", "replay.max_staleness=1",
+                         "algo.pretrain_beta=0.5", f"algo.pretrain_data={tmp_path / 'pretrain.parquet'}",
+                         "algo.pretrain_batch_size=8")
     Trainer(config, progress=False).run()
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert len(rows) == 6 and all(r["policy_lag/max"] <= 1 for r in rows)
+    assert all(np.isfinite(r["pretrain_loss"]) for r in rows)
     assert sum(r.get("drops/stale", 0) for r in rows[-1:]) == 0
 
 

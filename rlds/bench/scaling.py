@@ -83,11 +83,10 @@ class ModelledSampler(SamplerLoop):
     """
 
     def __init__(self, index: int, batch_size: int, sample_cost_s: float, latent_shape: Sequence[int],
-                 num_steps: int, poll_s: float = 0.01):
+                 num_steps: int):
         config = Config(sampler=SamplerConfig(batch_size=batch_size), seed=0)
         super().__init__(index, config, [f"prompt {i}" for i in range(1000)], None, None, [])
         self.sample_cost_s, self.latent_shape, self.num_steps = sample_cost_s, tuple(latent_shape), num_steps
-        self.poll_s = poll_s
 
     def load_weights(self, flat: np.ndarray) -> None:
         self.weights = np.array(flat)  # stands in for load_flat_trainable (a copy, as on a GPU)
@@ -226,7 +225,7 @@ def run_scaling(sampler_counts: Sequence[int] = (1, 2, 4, 8, 16), nodes: int = 4
                 batch_size: int = 4, iterations: int = 15, warmup: int = 3, max_staleness: int = 1,
                 update_cost_s: float = 0.05, reward_cost_s: float = 0.005, reward_actors: int = 2,
                 latent_shape: Sequence[int] = (4, 8, 8), num_steps: int = 10, weight_values: int = 1 << 16,
-                sampler_poll_s: float = 0.01, time_budget_s: float = 150.0, timeout_s: float = 60.0) -> dict:
+                time_budget_s: float = 150.0, timeout_s: float = 60.0) -> dict:
     """Throughput of 1..N modelled samplers feeding rlds' real ReplayStore/WeightStore; a JSON-able dict.
 
     Starts (and always stops) its own `ray.cluster_utils.Cluster`: a head node and `nodes` worker
@@ -260,7 +259,7 @@ def run_scaling(sampler_counts: Sequence[int] = (1, 2, 4, 8, 16), nodes: int = 4
         "sampler_counts": counts, "nodes": nodes, "slots_per_node": slots, "sample_cost_s": sample_cost_s,
         "batch_size": batch_size, "global_batch": "samplers x batch_size", "iterations": iterations,
         "warmup": warmup, "max_staleness": max_staleness, "update_cost_s": update_cost_s,
-        "reward_cost_s": reward_cost_s, "reward_actors": reward_actors, "sampler_poll_s": sampler_poll_s,
+        "reward_cost_s": reward_cost_s, "reward_actors": reward_actors,
         "trajectory_bytes": 4 * batch_size * (num_steps + 1) * int(np.prod(latent_shape)),
         "weight_bytes": 4 * weight_values, "machine_cpus": os.cpu_count(),
     }, "notes": notes}
@@ -278,7 +277,7 @@ def run_scaling(sampler_counts: Sequence[int] = (1, 2, 4, 8, 16), nodes: int = 4
         t0 = time.perf_counter()
         pools = [ModelledRewardPool("modelled", reward_actors, reward_cost_s)]
         samplers = [ModelledSampler.options(resources={NODE_RESOURCE: 1, f"{NODE_RESOURCE}_{i % nodes}": 1})
-                    .remote(i, batch_size, sample_cost_s, latent_shape, num_steps, sampler_poll_s)
+                    .remote(i, batch_size, sample_cost_s, latent_shape, num_steps)
                     for i in range(counts[-1])]
         sampler_nodes = ray.get([s.node.remote() for s in samplers], timeout=180)
         result["actors_start_s"] = round(time.perf_counter() - t0, 2)

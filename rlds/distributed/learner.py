@@ -57,6 +57,15 @@ class LearnerActor:
         self.ddp = DistributedDataParallel(self.policy.unet)
         self.params = [p for p in self.policy.unet.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params, self.config.algo)
+        algo = self.config.algo
+        self.pretrain_batches = None
+        if algo.pretrain_beta > 0:
+            from rlds.data.pretrain_set import PretrainSet
+
+            factor = 2 ** (len(self.policy.vae.config.block_out_channels) - 1) if self.policy.vae else 1
+            data = PretrainSet(algo.pretrain_data, resolution=self.policy.unet.config.sample_size * factor)
+            self.pretrain_batches = data.stream(algo.pretrain_batch_size, seed=self.config.seed * 1000 + self.rank)
+            self.pretrain_generator = torch.Generator(self.device).manual_seed(self.config.seed * 1000 + self.rank)
         return sum(p.numel() for p in self.params)
 
     def load_state(self, trainable: bytes, optimizer: bytes) -> None:
@@ -108,6 +117,12 @@ class LearnerActor:
         stats = ppo_update(train_policy, trajectories, advantages, self.optimizer, cfg, rng,
                            no_sync=self.ddp.no_sync, dtype=self.dtype)
         stats.pop("steps")
+        if self.pretrain_batches is not None:  # L_pre, its own step after the RL steps
+            from rlds.algo.regularizers import pretrain_step
+
+            images, captions = next(self.pretrain_batches)
+            stats["pretrain_loss"] = pretrain_step(train_policy, self.optimizer, images, captions,
+                                                   cfg.pretrain_beta, cfg.max_grad_norm, self.pretrain_generator)
         stats["lr"] = self.optimizer.param_groups[0]["lr"]
         stats["time/fetch_s"] = fetch_s
         if self.rank == 0:

@@ -68,23 +68,37 @@ class ReplayStore:
     def in_flight(self) -> int:
         return sum(self.reserved.values()) + self.pending + sum(len(e) for e in self.ready)
 
-    async def reserve(self, sampler: str, n: int, version: int) -> tuple[str, int]:
-        """('ok' | 'wait' | 'stop', newest weights version).
+    async def reserve(self, sampler: str, n: int, version: int, wait_s: float = 0.0) -> tuple[str, int]:
+        """('ok' | 'wait' | 'stop', newest weights version), after waiting up to `wait_s` for room.
 
         'ok': sample n now; 'wait': full, or the batch would be too stale when trained. The version
-        lets a sampler see newer weights without asking the WeightStore every batch.
+        lets a sampler see newer weights without asking the WeightStore every batch. Waiting here,
+        woken by the changes that matter, costs a sampler one call where polling would cost hundreds.
         """
+        deadline = time.monotonic() + wait_s
+        async with self.changed:
+            while True:
+                status = self._try_reserve(sampler, n, version)
+                left = deadline - time.monotonic()
+                if status != "wait" or self.learner_version > version or left <= 0:
+                    return status, self.learner_version
+                try:
+                    await asyncio.wait_for(self.changed.wait(), left)
+                except asyncio.TimeoutError:
+                    pass
+
+    def _try_reserve(self, sampler: str, n: int, version: int) -> str:
         if self.closed:
-            return "stop", self.learner_version
+            return "stop"
         in_flight = self.in_flight()
         if in_flight + n > self.capacity:
-            return "wait", self.learner_version
+            return "wait"
         trained_at = (self.consumed + in_flight) // self.batch_size  # the iteration that takes it
         if trained_at - version > self.max_staleness:
-            return "wait", self.learner_version
+            return "wait"
         self.reserved[sampler] += n
         self._gauge()
-        return "ok", self.learner_version
+        return "ok"
 
     async def add(self, sampler: str, wrapped_traj: list, wrapped_scores: dict, version: int,
             prompt_ids: np.ndarray, group_ids: np.ndarray) -> None:
@@ -124,6 +138,8 @@ class ReplayStore:
 
     async def release(self, sampler: str) -> int:
         """A sampler died: its reservations and its trajectories (it owned them) are gone."""
+        async with self.changed:
+            self.changed.notify_all()
         self.dead.add(sampler)
         n = self.reserved.pop(sampler, 0)
         lost = [e for e in self.ready if e.sampler == sampler]
@@ -138,6 +154,8 @@ class ReplayStore:
         """A handed-out batch could not be trained (its sampler died): count it, and refill it."""
         self.consumed -= n
         self._drop("lost_in_flight", n)
+        async with self.changed:
+            self.changed.notify_all()
 
     # ----------------------------------------------------------- learner
 
@@ -172,6 +190,7 @@ class ReplayStore:
             for lag in lags:
                 self.lag_hist.observe(lag)
             self._gauge()
+            self.changed.notify_all()  # room, and a newer version, for waiting samplers
             return {
                 "traj_refs": [[e.traj_ref] for e in batch],
                 "scores": {k: np.concatenate([e.scores[k] for e in batch]) for k in batch[0].scores},
@@ -203,8 +222,10 @@ class ReplayStore:
         return {"added": self.added, "consumed": self.consumed, "depth": self.in_flight(),
                 "drops": {reason: self.drops[reason] for reason in DROP_REASONS}}
 
-    def close(self) -> None:
+    async def close(self) -> None:
         self.closed = True
+        async with self.changed:
+            self.changed.notify_all()
 
     def restart_from(self, learner_version: int, consumed: int) -> None:
         """Continue the version/position count of a resumed run."""

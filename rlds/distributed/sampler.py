@@ -19,7 +19,7 @@ from rlds.config import Config
 class SamplerLoop:
     """The loop, apart from how a batch is made (`make_trajectory`) and weights are loaded."""
 
-    poll_s = 0.01
+    wait_s = 0.5  # the longest one reserve call waits in the store for room
 
     def __init__(self, index: int, config: Config, prompts: list[str], store, weight_store,
                  reward_pools: list, epoch: int = 0):
@@ -76,12 +76,12 @@ class SamplerLoop:
             wait_start = time.perf_counter()
             if newest > self.version or self.version < 0:
                 self.pull_weights()
-            status, newest = ray.get(self.store.reserve.remote(self.actor_id, n, self.version))
+            status, newest = ray.get(self.store.reserve.remote(self.actor_id, n, self.version, self.wait_s))
             if status == "stop":
                 break
             if status == "wait":
-                if newest <= self.version or self.version < 0:  # nothing newer to fetch: wait
-                    time.sleep(self.poll_s)
+                if self.version < 0:  # no weights published yet
+                    time.sleep(0.01)
                 self.time_idle += time.perf_counter() - wait_start
                 continue
             self.time_idle += time.perf_counter() - wait_start

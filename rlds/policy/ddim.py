@@ -43,7 +43,7 @@ def ddim_step_with_logprob(
     so that a chain's noise does not depend on the batch it was drawn in. The log-prob is the Gaussian
     log-density averaged over all non-batch dimensions, shape [batch].
     """
-    eps = model_output.float()
+    eps = model_output.float()  # the model's output: epsilon, or v for v-prediction models
     x_t = sample.float()
     t = torch.as_tensor(timestep, device=x_t.device).long().reshape(-1)
     if t.numel() == 1:
@@ -53,7 +53,12 @@ def ddim_step_with_logprob(
     alpha_prev = _alpha_at(scheduler, previous_timestep(scheduler, t)).view(shape)
     beta_t = 1 - alpha_t
 
-    pred_x0 = (x_t - beta_t.sqrt() * eps) / alpha_t.sqrt()
+    if scheduler.config.prediction_type == "v_prediction":  # SD 2.x at 768 px
+        eps, pred_x0 = alpha_t.sqrt() * eps + beta_t.sqrt() * x_t, alpha_t.sqrt() * x_t - beta_t.sqrt() * eps
+    elif scheduler.config.prediction_type == "epsilon":
+        pred_x0 = (x_t - beta_t.sqrt() * eps) / alpha_t.sqrt()
+    else:
+        raise ValueError(f"scheduler prediction_type {scheduler.config.prediction_type!r} is not supported")
     if scheduler.config.clip_sample:
         r = scheduler.config.clip_sample_range
         pred_x0 = pred_x0.clamp(-r, r)

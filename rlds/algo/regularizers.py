@@ -1,0 +1,43 @@
+"""L_pre: the paper's pretraining loss, taken as its own gradient step after the RL steps.
+
+Plain noise-prediction MSE on a held image-caption set; it anchors the policy to the data it was
+trained on and keeps reward hacking down.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from rlds.policy.pipeline import Policy
+from rlds.policy.sampling import encode_prompts
+
+
+def pretraining_loss(policy: Policy, images: np.ndarray, captions: list[str],
+                     generator: torch.Generator) -> torch.Tensor:
+    """DDPM loss on uint8 images [B, H, W, 3] with their captions (epsilon or v target)."""
+    device = policy.device
+    x0 = torch.tensor(images, device=device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    if policy.vae is not None:
+        with torch.no_grad():
+            dist = policy.vae.encode(x0.to(policy.vae.dtype)).latent_dist
+            x0 = dist.sample(generator).float() * policy.vae.config.scaling_factor
+    sched = policy.scheduler
+    noise = torch.randn(x0.shape, generator=generator, device=device)
+    t = torch.randint(0, sched.config.num_train_timesteps, (x0.shape[0],), generator=generator, device=device)
+    x_t = sched.add_noise(x0, noise, t)
+    cond = encode_prompts(policy, captions)
+    pred = policy.unet(x_t, t, encoder_hidden_states=cond).sample.float()
+    target = sched.get_velocity(x0, noise, t) if sched.config.prediction_type == "v_prediction" else noise
+    return torch.nn.functional.mse_loss(pred, target)
+
+
+def pretrain_step(policy: Policy, optimizer: torch.optim.Optimizer, images: np.ndarray, captions: list[str],
+                  beta: float, max_grad_norm: float, generator: torch.Generator) -> float:
+    """One optimizer step on beta * L_pre; returns L_pre."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = pretraining_loss(policy, images, captions, generator)
+    (beta * loss).backward()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    return loss.item()
