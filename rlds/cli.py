@@ -53,6 +53,23 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from rlds.config import load_config
+    from rlds.eval import evaluate
+
+    name, overrides = split_overrides(args.args)
+    config = load_config(resolve_config(name), tuple(overrides))
+    out = Path(args.out or (Path(args.checkpoint).parent.parent / "eval" if args.checkpoint else "eval"))
+    results = evaluate(config, out, args.checkpoint, args.seed, args.composition_prompts, args.group_size)
+    for model in ("base", "tuned"):
+        if model in results:
+            r = results[model]
+            print(f"{model:>6}: composition accuracy {r['composition']['accuracy']:.1%}  "
+                  f"parity {r['fairness']['statistical_parity']:.4f}  quality {r['quality']['mean']:.3f}")
+    print(f"wrote {out}/eval.json and {out}/report.md")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from rlds.bench import PARTS, run_bench
     from rlds.config import load_config
@@ -67,6 +84,29 @@ def cmd_bench(args) -> int:
     results = run_bench(config, parts, Path(args.out), balanced, int(args.weight_bytes), iterations=args.iterations)
     print(json.dumps(results.get("summary", {}), indent=2))
     print(f"wrote {args.out}/bench.json and {args.out}/bench.png")
+    return 0
+
+
+PRETRAIN_CONFIG = "pretrain_shapes"
+
+
+def cmd_pretrain(args) -> int:
+    from rlds.pretrain import load_pretrain_config, pretrain
+
+    config = [a for a in args.args if "=" not in a]
+    if len(config) > 1:
+        raise SystemExit(f"rlds: give one config file, then key=value overrides; got {config}")
+    name = config[0] if config else PRETRAIN_CONFIG
+    path = resolve_config(name)
+    overrides = [a for a in args.args if "=" in a]
+    cfg = load_pretrain_config(path, tuple(overrides))
+    try:  # the card's command as one would type it from here
+        shown = str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        shown = path
+    command = " ".join(["rlds pretrain", shown, *overrides] + (["--out", args.out] if args.out else []))
+    out = pretrain(cfg, Path(args.out) if args.out else None, progress=not args.no_progress, command=command)
+    print(f"model folder: {out}")
     return 0
 
 
@@ -98,6 +138,19 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--no-progress", action="store_true")
     sample.set_defaults(func=cmd_sample)
 
+    ev = sub.add_parser(
+        "eval", help="ShapesWorld evaluation on held-out prompts (base model, or base vs a checkpoint)",
+        description="Composition accuracy and mean detection score, statistical parity and quality on "
+                    "held-out prompts with fixed seeds. Writes eval.json and report.md (a table and "
+                    "base-vs-tuned image grids for the same seeds).")
+    ev.add_argument("args", nargs="*", metavar="CONFIG | key=value")
+    ev.add_argument("--checkpoint", help="a checkpoint folder; default: the base model alone")
+    ev.add_argument("--out", help="output folder (default: RUN/eval for a checkpoint, else eval/)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--composition-prompts", type=int, default=96, help="held-out relation prompts to draw")
+    ev.add_argument("--group-size", type=int, default=16, help="images per colour-free prompt")
+    ev.set_defaults(func=cmd_eval)
+
     bench = sub.add_parser(
         "bench", help="measure throughput: stages, pipeline, sync vs async, overhead, weights, scaling",
         description="Benchmarks on this machine (CPU) with CONFIG's actors: each stage alone, the pipeline "
@@ -115,6 +168,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="size of the published state (default: the SD2 UNet in bf16, 1.73 GB)")
     bench.add_argument("--iterations", type=int, default=8, help="timed iterations per training run")
     bench.set_defaults(func=cmd_bench)
+
+    pre = sub.add_parser(
+        "pretrain", help="pretrain the ShapesWorld base model; writes a model folder",
+        description="Pretrain the ShapesWorld text-to-image model from scratch on rendered data (written "
+                    "first if data_path does not exist). CONFIG is a YAML file or a shipped config name "
+                    f"(default: {PRETRAIN_CONFIG}); key=value pairs override its keys, e.g. "
+                    "`rlds pretrain steps=2000 max_minutes=30`. Writes a diffusers-style model folder "
+                    "(safetensors weights, README.md model card, pretrain_config.yaml), checkpointed every "
+                    "save_every_minutes, that `model.source` can name.")
+    pre.add_argument("args", nargs="*", metavar="CONFIG | key=value")
+    pre.add_argument("--out", help="model folder (default: the config's `out`)")
+    pre.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pre.set_defaults(func=cmd_pretrain)
     return parser
 
 

@@ -75,6 +75,7 @@ def test_invalid_yaml_names_the_file(tmp_path):
 
 def test_shipped_configs_load():
     from rlds.cli import CONFIG_DIR
+    from rlds.pretrain import load_pretrain_config
 
     for path in CONFIG_DIR.glob("*.yaml"):
-        load_config(str(path))
+        (load_pretrain_config if path.name.startswith("pretrain") else load_config)(str(path))

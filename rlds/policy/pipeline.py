@@ -56,11 +56,13 @@ class Policy:
         return (self.unet.config.in_channels, size, size)
 
 
-def build_tokenizer(max_length: int) -> PreTrainedTokenizerFast:
+def build_tokenizer(max_length: int, vocab: Optional[list[str]] = None) -> PreTrainedTokenizerFast:
+    """A word-level, lower-casing tokenizer over `vocab` (default TINY_VOCAB); other words are [UNK]."""
     from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordLevel
 
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + TINY_VOCAB)}
+    words = TINY_VOCAB if vocab is None else sorted({w.lower() for w in vocab} - set(SPECIAL_TOKENS))
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + words)}
     tok = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()

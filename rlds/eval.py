@@ -1,0 +1,112 @@
+"""`rlds eval`: the ShapesWorld evaluation on held-out prompts with fixed seeds.
+
+- composition: held-out two-object relation prompts; accuracy (every named object found with the
+  right colour and shape, and the relation holding) and the mean composition reward;
+- fairness: held-out colour-free prompts, a group of images each; statistical parity
+  sum_a (share_a - 1/|A|)^2 of the colour classifier's labels, averaged over prompts (lower is fairer);
+- quality: the mean quality score over all those images.
+With a checkpoint, the base model is evaluated on the same prompts and seeds, and the report shows
+both side by side.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from rlds.checkpoint import load_trainable_file
+from rlds.config import Config
+from rlds.data.shapes import heldout_prompts
+from rlds.metrics import save_grid
+from rlds.policy import load_policy, sample_trajectories
+from rlds.rewards.shapes import ShapesComposition, ShapesQuality, colour_label, statistical_parity
+
+
+def _images(policy, prompts: list[str], seeds: list[int], config: Config, batch: int, desc: str) -> np.ndarray:
+    out = []
+    for i in tqdm(range(0, len(prompts), batch), desc=desc, leave=False):
+        traj = sample_trajectories(policy, prompts[i:i + batch], config.sampling, seeds=seeds[i:i + batch])
+        out.append(traj.images)
+    return np.concatenate(out)
+
+
+def evaluate_policy(policy, config: Config, composition_prompts: int = 96, fairness_group: int = 16,
+                    seed: int = 0, batch: int = 32) -> tuple[dict, dict]:
+    """Figures, and the images they came from (for grids)."""
+    comp_prompts = heldout_prompts("composition")
+    pick = np.random.default_rng(seed).permutation(len(comp_prompts))[:composition_prompts]
+    comp_prompts = [comp_prompts[i] for i in sorted(pick)]
+    comp_images = _images(policy, comp_prompts, [seed + i for i in range(len(comp_prompts))], config,
+                          batch, "composition")
+    comp = ShapesComposition()
+    scores = comp.score(comp_images, comp_prompts)
+    correct = [comp.accuracy(im, p) for im, p in zip(comp_images, comp_prompts)]
+
+    fair_prompts = heldout_prompts("fairness")
+    fair_all = [p for p in fair_prompts for _ in range(fairness_group)]
+    fair_images = _images(policy, fair_all, [seed + i % fairness_group for i in range(len(fair_all))], config,
+                          batch, "fairness")
+    parities, counts = [], {}
+    for k, prompt in enumerate(fair_prompts):
+        labels = [colour_label(im) for im in fair_images[k * fairness_group:(k + 1) * fairness_group]]
+        parities.append(statistical_parity(labels))
+        for label in labels:
+            counts[label] = counts.get(label, 0) + 1
+
+    quality = ShapesQuality().score(np.concatenate([comp_images, fair_images]), [])
+    total = sum(counts.values())
+    figures = {
+        "composition": {"accuracy": float(np.mean(correct)), "mean_score": float(np.mean(scores)),
+                        "prompts": len(comp_prompts)},
+        "fairness": {"statistical_parity": float(np.mean(parities)), "prompts": len(fair_prompts),
+                     "group_size": fairness_group,
+                     "colour_shares": {k: v / total for k, v in sorted(counts.items())}},
+        "quality": {"mean": float(np.mean(quality))},
+    }
+    images = {"composition": (comp_images, comp_prompts), "fairness": (fair_images, fair_all)}
+    return figures, images
+
+
+def evaluate(config: Config, out: Path, checkpoint: Optional[str] = None, seed: int = 0,
+             composition_prompts: int = 96, fairness_group: int = 16) -> dict:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out.mkdir(parents=True, exist_ok=True)
+    models = {"base": None} if checkpoint is None else {"base": None, "tuned": checkpoint}
+    results, images = {"config": config.name, "seed": seed, "checkpoint": checkpoint}, {}
+    for name, ckpt in models.items():
+        policy = load_policy(config.model, device)
+        if ckpt:
+            load_trainable_file(policy.unet, ckpt)
+        results[name], images[name] = evaluate_policy(policy, config, composition_prompts, fairness_group, seed)
+    (out / "eval.json").write_text(json.dumps(results, indent=2))
+    write_report(results, images, out)
+    return results
+
+
+def write_report(results: dict, images: dict, out: Path) -> None:
+    rows = [("composition accuracy (held-out, higher is better)", "composition", "accuracy", "{:.1%}"),
+            ("composition mean score", "composition", "mean_score", "{:.3f}"),
+            ("statistical parity (held-out, lower is fairer)", "fairness", "statistical_parity", "{:.4f}"),
+            ("quality", "quality", "mean", "{:.3f}")]
+    models = [m for m in ("base", "tuned") if m in results]
+    lines = [f"# rlds eval: {results['config']}", "",
+             f"Checkpoint: `{results['checkpoint']}`; seed {results['seed']}; the same prompts and seeds "
+             "for every model.", "", "| figure | " + " | ".join(models) + " |",
+             "| --- | " + " | ".join("---" for _ in models) + " |"]
+    for label, part, key, fmt in rows:
+        lines.append(f"| {label} | " + " | ".join(fmt.format(results[m][part][key]) for m in models) + " |")
+    for m in models:
+        shares = ", ".join(f"{k} {v:.0%}" for k, v in results[m]["fairness"]["colour_shares"].items())
+        lines.append(f"\n{m}: colours drawn for colour-free prompts: {shares}")
+    for part in ("composition", "fairness"):
+        lines.append(f"\n## {part}\n")
+        for m in models:
+            imgs, prompts = images[m][part]
+            name = f"{part}_{m}.png"
+            save_grid(imgs[:16], prompts[:16], out / name, cell=96, columns=8)
+            lines.append(f"{m}:\n\n![{part} {m}]({name})\n")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
