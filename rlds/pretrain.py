@@ -40,6 +40,8 @@ import numpy as np
 import torch
 import yaml
 
+from rlds.algo.ppo import schedule_factor
+from rlds.algo.regularizers import pretraining_loss
 from rlds.config import ConfigError, _apply_override, _build
 from rlds.data.shapes import COLOURS, RELATIONS, SHAPES, all_prompts
 
@@ -206,16 +208,6 @@ def build_shapes_policy(cfg: PretrainConfig):
     return Policy(tokenizer, text_encoder, unet, tiny_scheduler())
 
 
-def training_noise_scheduler(ddim):
-    """The DDPM forward process for training, from the very config the DDIM sampler uses."""
-    from diffusers import DDPMScheduler
-
-    ddpm = DDPMScheduler.from_config(ddim.config)
-    if not torch.equal(ddpm.alphas_cumprod, ddim.alphas_cumprod):
-        raise RuntimeError("training and sampling noise schedules differ")
-    return ddpm
-
-
 def count_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -240,27 +232,7 @@ class EMA:
 
 def lr_factor(cfg: PretrainConfig, step: int) -> float:
     """Multiplier of the learning rate at optimizer step `step` (0-based)."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.lr_schedule == "cosine":
-        span = max(1, cfg.steps - cfg.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / span)))
-    return 1.0
-
-
-def diffusion_loss(policy, ddpm, images: np.ndarray, captions: list[str], generator: torch.Generator) -> torch.Tensor:
-    """DDPM epsilon loss on uint8 images [B, 32, 32, 3], gradients into text encoder and UNet.
-
-    The captions are tokenized and encoded exactly as `rlds.policy.sampling.encode_prompts` does."""
-    x0 = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    noise = torch.randn(x0.shape, generator=generator)
-    t = torch.randint(0, ddpm.config.num_train_timesteps, (x0.shape[0],), generator=generator)
-    x_t = ddpm.add_noise(x0, noise, t)
-    ids = policy.tokenizer(captions, padding="max_length", truncation=True,
-                           max_length=policy.tokenizer.model_max_length, return_tensors="pt").input_ids
-    cond = policy.text_encoder(ids)[0]
-    pred = policy.unet(x_t, t, encoder_hidden_states=cond).sample
-    return torch.nn.functional.mse_loss(pred.float(), noise)
+    return schedule_factor(cfg.lr_schedule, step, cfg.steps, cfg.warmup_steps)
 
 
 # ---------------------------------------------------------------- data
@@ -440,7 +412,6 @@ def pretrain(cfg: PretrainConfig, out: Optional[Path] = None, progress: bool = T
         if data["rows"] < cfg.batch_size:
             raise ConfigError(f"data_path {data['path']}: {data['rows']} rows cannot fill a batch of {cfg.batch_size}")
         policy = build_shapes_policy(cfg)
-        ddpm = training_noise_scheduler(policy.scheduler)
         policy.text_encoder.train().requires_grad_(True)
         policy.unet.train().requires_grad_(True)
         params = list(policy.text_encoder.parameters()) + list(policy.unet.parameters())
@@ -490,7 +461,7 @@ def pretrain(cfg: PretrainConfig, out: Optional[Path] = None, progress: bool = T
             images, captions = next(batches)
             drop = dropout_rng.random(len(captions)) < cfg.caption_dropout
             captions = ["" if d else c for c, d in zip(captions, drop)]
-            loss = diffusion_loss(policy, ddpm, images, captions, generator)
+            loss = pretraining_loss(policy, images, captions, generator, text_grad=True)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.max_grad_norm > 0:

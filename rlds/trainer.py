@@ -215,6 +215,7 @@ class Trainer:
                 if stats is None:
                     ray.get(self.store.batch_lost.remote(c.algo.batch_size))
                     self._check_samplers()
+            self.store.new_version.remote(it + 1)  # samplers start on v+1 while we write metrics
             wait_s = time.perf_counter() - wait_start - stats["time/update_s"]
             samples += c.algo.batch_size
             now = time.perf_counter()

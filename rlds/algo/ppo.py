@@ -20,16 +20,20 @@ def make_optimizer(params, cfg: AlgoConfig) -> torch.optim.Optimizer:
                              eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
 
 
-def lr_factor(cfg: AlgoConfig, iteration: int, total_iterations: int) -> float:
-    """Learning-rate multiplier for an iteration: linear warm-up, then the configured decay."""
-    if iteration < cfg.warmup_iterations:
-        return (iteration + 1) / cfg.warmup_iterations
-    progress = (iteration - cfg.warmup_iterations) / max(1, total_iterations - cfg.warmup_iterations)
-    if cfg.lr_schedule == "linear":
+def schedule_factor(kind: str, step: int, total: int, warmup: int) -> float:
+    """Learning-rate multiplier at `step` of `total`: linear warm-up, then constant, linear or cosine."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if kind == "linear":
         return max(0.0, 1.0 - progress)
-    if cfg.lr_schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
     return 1.0
+
+
+def lr_factor(cfg: AlgoConfig, iteration: int, total_iterations: int) -> float:
+    return schedule_factor(cfg.lr_schedule, iteration, total_iterations, cfg.warmup_iterations)
 
 
 def choose_steps(num_steps: int, k: int, count: int, rng: np.random.Generator) -> np.ndarray:

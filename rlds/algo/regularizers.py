@@ -13,8 +13,11 @@ from rlds.policy.sampling import encode_prompts
 
 
 def pretraining_loss(policy: Policy, images: np.ndarray, captions: list[str],
-                     generator: torch.Generator) -> torch.Tensor:
-    """DDPM loss on uint8 images [B, H, W, 3] with their captions (epsilon or v target)."""
+                     generator: torch.Generator, text_grad: bool = False) -> torch.Tensor:
+    """DDPM loss on uint8 images [B, H, W, 3] with their captions (epsilon or v target).
+
+    The noising process is the sampler's own scheduler's; `text_grad` trains the text encoder too
+    (pretraining from scratch; in RL it stays frozen)."""
     device = policy.device
     x0 = torch.tensor(images, device=device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     if policy.vae is not None:
@@ -25,7 +28,7 @@ def pretraining_loss(policy: Policy, images: np.ndarray, captions: list[str],
     noise = torch.randn(x0.shape, generator=generator, device=device)
     t = torch.randint(0, sched.config.num_train_timesteps, (x0.shape[0],), generator=generator, device=device)
     x_t = sched.add_noise(x0, noise, t)
-    cond = encode_prompts(policy, captions)
+    cond = encode_prompts(policy, captions, grad=text_grad)
     pred = policy.unet(x_t, t, encoder_hidden_states=cond).sample.float()
     target = sched.get_velocity(x0, noise, t) if sched.config.prediction_type == "v_prediction" else noise
     return torch.nn.functional.mse_loss(pred, target)

@@ -150,6 +150,12 @@ class ReplayStore:
         self._gauge()
         return n
 
+    async def new_version(self, version: int) -> None:
+        """Newer weights are published: samplers waiting for them may go at once."""
+        async with self.changed:
+            self.learner_version = max(self.learner_version, version)
+            self.changed.notify_all()
+
     async def batch_lost(self, n: int) -> None:
         """A handed-out batch could not be trained (its sampler died): count it, and refill it."""
         self.consumed -= n

@@ -42,11 +42,12 @@ def autocast(policy: Policy, dtype: torch.dtype):
     return torch.autocast(policy.device.type, dtype=dtype)
 
 
-@torch.no_grad()
-def encode_prompts(policy: Policy, prompts: list[str]) -> torch.Tensor:
+def encode_prompts(policy: Policy, prompts: list[str], grad: bool = False) -> torch.Tensor:
+    """Text embeddings [B, L, D]; `grad=True` only where the text encoder trains (pretraining)."""
     tok = policy.tokenizer(prompts, padding="max_length", truncation=True,
                            max_length=policy.tokenizer.model_max_length, return_tensors="pt")
-    return policy.text_encoder(tok.input_ids.to(policy.device))[0].float()
+    with torch.set_grad_enabled(grad):
+        return policy.text_encoder(tok.input_ids.to(policy.device))[0].float()
 
 
 def guided_noise(policy: Policy, x: torch.Tensor, t, cond: torch.Tensor, uncond: torch.Tensor,

@@ -1,0 +1,28 @@
+import json
+
+from rlds.cli import main
+
+
+def test_eval_writes_figures_and_report_for_base_and_checkpoint(tmp_path):
+    from rlds.checkpoint import save_checkpoint
+    from rlds.checkpoint import trainable_bytes
+    from rlds.config import ModelConfig
+    from rlds.policy import load_policy
+
+    # a "checkpoint" of the tiny model with every trained weight nudged
+    policy = load_policy(ModelConfig())
+    for p in policy.unet.parameters():
+        p.data.mul_(1.01)
+    ckpt = save_checkpoint(tmp_path / "ckpt", trainable_bytes(policy.unet), b"", {"iteration": 1})
+    args = ["eval", "configs/tiny.yaml", "sampling.num_steps=3", "algo.timesteps_per_iteration=2", "--composition-prompts", "4",
+            "--group-size", "2", "--out", str(tmp_path / "eval"), "--checkpoint", str(ckpt)]
+    assert main(args) == 0
+    results = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    for model in ("base", "tuned"):
+        r = results[model]
+        assert 0 <= r["composition"]["accuracy"] <= 1 and r["composition"]["prompts"] == 4
+        assert 0 <= r["fairness"]["statistical_parity"] <= 1 and r["fairness"]["group_size"] == 2
+        assert 0 <= r["quality"]["mean"] <= 1
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "| composition accuracy" in report and "composition_tuned.png" in report
+    assert (tmp_path / "eval" / "fairness_base.png").is_file()
