@@ -61,6 +61,12 @@ def cmd_eval(args) -> int:
     config = load_config(resolve_config(name), tuple(overrides))
     out = Path(args.out or (Path(args.checkpoint).parent.parent / "eval" if args.checkpoint else "eval"))
     results = evaluate(config, out, args.checkpoint, args.seed, args.composition_prompts, args.group_size)
+    if args.model_card:
+        from rlds.eval import write_model_card
+        from rlds.policy.pipeline import SHIPPED_MODELS
+
+        folder = Path(SHIPPED_MODELS.get(config.model.source, config.model.source))
+        write_model_card(folder, results, "rlds eval " + " ".join(sys.argv[2:]))
     for model in ("base", "tuned"):
         if model in results:
             r = results[model]
@@ -149,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--composition-prompts", type=int, default=96, help="held-out relation prompts to draw")
     ev.add_argument("--group-size", type=int, default=16, help="images per colour-free prompt")
+    ev.add_argument("--model-card", action="store_true",
+                    help="also write the base model's figures into its model card (model.source/README.md)")
     ev.set_defaults(func=cmd_eval)
 
     bench = sub.add_parser(

@@ -59,9 +59,11 @@ class SamplingConfig:
 
 @dataclass
 class PromptConfig:
-    # one of: items (inline list) or file (one prompt a line)
+    # one of: items (inline list), file (one prompt a line), or shapes (a ShapesWorld task's
+    # training prompts: composition | fairness | quality; the held-out ones are for `rlds eval`)
     items: list[str] = field(default_factory=list)
     file: Optional[str] = None
+    shapes: Optional[str] = None
 
 
 @dataclass
@@ -277,8 +279,12 @@ def validate(c: Config, where: str = "config") -> None:
                  "or a package.module:ClassName")
         if r.num_actors < 1:
             fail(f"rewards[{i}].num_actors", "must be at least 1")
-    if not c.prompts.items and not c.prompts.file:
-        fail("prompts", "give prompts.items (a list) or prompts.file (one prompt a line)")
+    given = [k for k in ("items", "file", "shapes") if getattr(c.prompts, k)]
+    if len(given) != 1:
+        fail("prompts", "give one of prompts.items (a list), prompts.file (one prompt a line) or "
+             f"prompts.shapes (composition, fairness or quality); got {given or 'none'}")
+    if c.prompts.shapes and c.prompts.shapes not in ("composition", "fairness", "quality"):
+        fail("prompts.shapes", f"{c.prompts.shapes!r} is not one of composition, fairness, quality")
     if c.prompts.file and not Path(c.prompts.file).is_file():
         fail("prompts.file", f"file not found: {c.prompts.file}")
     s, a = c.sampler, c.algo
@@ -324,6 +330,10 @@ def dump_config(c: Config, path: Path) -> None:
 
 
 def prompt_list(c: Config) -> list[str]:
+    if c.prompts.shapes:
+        from rlds.data.shapes import training_prompts
+
+        return training_prompts(c.prompts.shapes)
     if c.prompts.file:
         lines = Path(c.prompts.file).read_text().splitlines()
         prompts = [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]

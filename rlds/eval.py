@@ -87,6 +87,29 @@ def evaluate(config: Config, out: Path, checkpoint: Optional[str] = None, seed: 
     return results
 
 
+def write_model_card(model_dir: Path, results: dict, command: str) -> None:
+    """Put the base model's figures into its model card, between the markers `rlds pretrain` left."""
+    from rlds.pretrain import EVAL_END, EVAL_START
+
+    card = model_dir / "README.md"
+    text = card.read_text()
+    if EVAL_START not in text or EVAL_END not in text:
+        raise ValueError(f"{card}: no evaluation markers {EVAL_START} ... {EVAL_END}")
+    b = results["base"]
+    table = "\n".join([
+        EVAL_START, "", f"`{command}` (held-out prompts, fixed seeds):", "",
+        "| figure | value |", "| --- | --- |",
+        f"| composition accuracy ({b['composition']['prompts']} held-out relation prompts) | {b['composition']['accuracy']:.1%} |",
+        f"| composition mean score | {b['composition']['mean_score']:.3f} |",
+        f"| statistical parity ({b['fairness']['prompts']} colour-free prompts x {b['fairness']['group_size']}) | "
+        f"{b['fairness']['statistical_parity']:.4f} |",
+        "| colours drawn for colour-free prompts | " + ", ".join(
+            f"{k} {v:.0%}" for k, v in b["fairness"]["colour_shares"].items()) + " |",
+        f"| quality | {b['quality']['mean']:.3f} |", "", EVAL_END])
+    head, rest = text.split(EVAL_START, 1)
+    card.write_text(head + table + rest.split(EVAL_END, 1)[1])
+
+
 def write_report(results: dict, images: dict, out: Path) -> None:
     rows = [("composition accuracy (held-out, higher is better)", "composition", "accuracy", "{:.1%}"),
             ("composition mean score", "composition", "mean_score", "{:.3f}"),

@@ -67,6 +67,7 @@ class Trainer:
         self.progress = progress
         self.prompts = prompt_list(config)
         self.restarts = {"sampler": 0}
+        self.incarnations: dict[int, int] = {}
 
     # ------------------------------------------------------------------ setup
 
@@ -90,8 +91,9 @@ class Trainer:
 
     def _start_sampler(self, index: int) -> None:
         c = self.config
+        incarnation = self.incarnations[index] = self.incarnations.get(index, -1) + 1
         actor = SamplerActor.options(num_cpus=c.sampler.num_cpus, num_gpus=c.sampler.num_gpus).remote(
-            index, c, self.prompts, self.store, self.weights, self.pools, self.start_iteration)
+            index, c, self.prompts, self.store, self.weights, self.pools, self.start_iteration, incarnation)
         self.samplers[index] = actor
         self.loops[index] = actor.run.remote()
 

@@ -79,3 +79,14 @@ def test_shipped_configs_load():
 
     for path in CONFIG_DIR.glob("*.yaml"):
         (load_pretrain_config if path.name.startswith("pretrain") else load_config)(str(path))
+
+
+def test_prompts_come_from_exactly_one_source(tmp_path):
+    from rlds.config import prompt_list
+
+    c = load_config(write(tmp_path, "prompts: {shapes: composition}\nrewards: [{name: shapes_composition}]\n"))
+    assert prompt_list(c) and all(isinstance(p, str) for p in prompt_list(c))
+    with pytest.raises(ConfigError, match="give one of prompts.items"):
+        load_config(write(tmp_path, "prompts: {items: [a], shapes: fairness}\nrewards: [{name: brightness}]\n"))
+    with pytest.raises(ConfigError, match="prompts.shapes: 'colour' is not one of"):
+        load_config(write(tmp_path, "prompts: {shapes: colour}\nrewards: [{name: brightness}]\n"))

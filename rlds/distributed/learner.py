@@ -104,7 +104,7 @@ class LearnerActor:
         except ray.exceptions.ObjectLostError:  # its sampler died after handing it on
             trajectories, lost = None, 1
         # Every rank must skip together, or the others would wait in all-reduce for ever.
-        flag = torch.tensor([lost], dtype=torch.int64)
+        flag = torch.tensor([lost], dtype=torch.int64, device=self.device)  # NCCL needs a GPU tensor
         dist.all_reduce(flag)
         if flag.item():
             return {"lost": 1}

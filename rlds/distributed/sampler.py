@@ -22,10 +22,11 @@ class SamplerLoop:
     wait_s = 0.5  # the longest one reserve call waits in the store for room
 
     def __init__(self, index: int, config: Config, prompts: list[str], store, weight_store,
-                 reward_pools: list, epoch: int = 0):
+                 reward_pools: list, epoch: int = 0, incarnation: int = 0):
         from ray.util import metrics
 
-        self.index, self.config, self.prompts = index, config, prompts
+        # incarnation: a restarted sampler must not redraw its predecessor's prompts and seeds
+        self.index, self.config, self.prompts, self.incarnation = index, config, prompts, incarnation
         self.attach(store, weight_store, reward_pools, epoch)
         self.actor_id = ray.get_runtime_context().get_actor_id()
         tags = {"sampler": str(index)}
@@ -86,9 +87,10 @@ class SamplerLoop:
                 continue
             self.time_idle += time.perf_counter() - wait_start
             start = time.perf_counter()
-            rng = np.random.default_rng([cfg.seed, self.epoch, self.index, self.batches])
+            rng = np.random.default_rng([cfg.seed, self.epoch, self.incarnation, self.index, self.batches])
             prompt_ids = np.repeat(rng.integers(len(self.prompts), size=n // g), g)
-            group_base = (self.epoch << 48) + (self.index << 32) + self.batches * n
+            stream = (self.epoch * 64 + self.incarnation % 64) * 4096 + self.index % 4096
+            group_base = (stream << 24) + (self.batches * n) % (1 << 24)  # unique ids in a run
             group_ids = group_base + np.repeat(np.arange(n // g), g)
             seeds = rng.integers(2**62, size=n)  # one per chain: any sample can be redrawn alone
             traj = self.make_trajectory([self.prompts[i] for i in prompt_ids], prompt_ids, seeds,
@@ -113,14 +115,14 @@ class SamplerActor(SamplerLoop):
     """A sampler holding the policy: text encoder, UNet, scheduler, VAE where there is one."""
 
     def __init__(self, index: int, config: Config, prompts: list[str], store, weight_store,
-                 reward_pools: list, epoch: int = 0, device: str = "cpu"):
+                 reward_pools: list, epoch: int = 0, incarnation: int = 0, device: str = "cpu"):
         import torch
 
         from rlds.policy import load_policy
         from rlds.policy.pipeline import DTYPES
 
         torch.set_num_threads(config.torch_threads)
-        super().__init__(index, config, prompts, store, weight_store, reward_pools, epoch)
+        super().__init__(index, config, prompts, store, weight_store, reward_pools, epoch, incarnation)
         if device == "cpu" and ray.get_gpu_ids():
             device = "cuda"
         self.policy = load_policy(config.model, device)

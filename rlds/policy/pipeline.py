@@ -117,12 +117,18 @@ def save_policy(policy: Policy, path: str | Path) -> None:
     (path / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
+# Models that ship inside the package, by name.
+SHIPPED_MODELS = {"shapes": Path(__file__).resolve().parent.parent / "models" / "shapes-base"}
+
+
 def load_policy(model: ModelConfig, device: str | torch.device = "cpu") -> Policy:
-    """The policy named by the config: `tiny`, a local diffusers folder, or a hub id."""
+    """The policy named by the config: `tiny`, a shipped model (`shapes`), a local diffusers folder,
+    or a hub id."""
     if model.source == "tiny":
         policy = build_tiny_policy(model.tiny)
     else:
-        policy = load_pretrained(model.source, model.revision, DTYPES[model.dtype])
+        source = str(SHIPPED_MODELS.get(model.source, model.source))
+        policy = load_pretrained(source, model.revision, DTYPES[model.dtype])
     policy.unet.requires_grad_(False)
     policy.text_encoder.requires_grad_(False).eval()
     if policy.vae is not None:
