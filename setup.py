@@ -23,6 +23,7 @@ setup(
         "tensorboard>=2.14",
         "tqdm>=4.60",
         "pillow>=10",
+        "matplotlib>=3.7",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3"],
