@@ -220,7 +220,12 @@ def _join(where: str, key) -> str:
 
 
 def load_config(path: Optional[str] = None, overrides: tuple[str, ...] = ()) -> Config:
-    """Load a YAML config (or the defaults), apply `key=value` overrides, validate."""
+    """Load a training YAML config (or the defaults), apply `key=value` overrides, validate."""
+    return load_yaml(Config, validate, path, overrides)
+
+
+def load_yaml(schema, check, path: Optional[str], overrides: tuple[str, ...]):
+    """Any rlds config: read with yaml.safe_load, override, build `schema`, `check(config, where)`."""
     data: dict = {}
     source = "defaults"
     if path is not None:
@@ -237,8 +242,8 @@ def load_config(path: Optional[str] = None, overrides: tuple[str, ...] = ()) -> 
     for item in overrides:
         _apply_override(data, item)
     label = source if not overrides else f"{source} + command-line overrides"
-    config = _build(Config, data, f"{label}: ")
-    validate(config, label)
+    config = _build(schema, data, f"{label}: ")
+    check(config, label)
     return config
 
 

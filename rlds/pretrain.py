@@ -42,7 +42,7 @@ import yaml
 
 from rlds.algo.ppo import schedule_factor
 from rlds.algo.regularizers import pretraining_loss
-from rlds.config import ConfigError, _apply_override, _build
+from rlds.config import ConfigError, load_yaml
 from rlds.data.shapes import COLOURS, RELATIONS, SHAPES, all_prompts
 
 log = logging.getLogger("rlds.pretrain")
@@ -96,28 +96,9 @@ class PretrainConfig:
 
 
 def load_pretrain_config(path: Optional[str] = None, overrides: tuple[str, ...] = ()) -> PretrainConfig:
-    """Load a pretraining YAML (or the defaults), apply `key=value` overrides, validate.
-
-    Errors name the dotted key and where it came from, as `rlds.config.load_config` does."""
-    data: dict = {}
-    source = "defaults"
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        source = str(p)
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{source}: not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: the top level must be a mapping of keys")
-    for item in overrides:
-        _apply_override(data, item)
-    label = source if not overrides else f"{source} + command-line overrides"
-    cfg = _build(PretrainConfig, data, f"{label}: ")
-    validate_pretrain(cfg, label)
-    return cfg
+    """Load a pretraining YAML (or the defaults), apply `key=value` overrides, validate; errors name
+    the dotted key and where it came from, as for training configs."""
+    return load_yaml(PretrainConfig, validate_pretrain, path, overrides)
 
 
 def longest_caption_tokens() -> int:
