@@ -19,7 +19,7 @@ from rlds.algo.advantages import PerPromptStatTracker, compute_advantages
 from rlds.checkpoint import read_checkpoint, save_checkpoint
 from rlds.config import Config, dump_config, prompt_list
 from rlds.distributed.learner import LearnerGroup
-from rlds.distributed.replay import ReplayStore
+from rlds.distributed.replay import ReplayStore, next_batch
 from rlds.distributed.reward import RewardPool
 from rlds.distributed.sampler import SamplerActor
 from rlds.distributed.weights import WeightStore
@@ -118,23 +118,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
 
-    def _next_batch(self, iteration: int) -> dict:
-        timeout = self.config.ray.actor_timeout_s
-        deadline = time.monotonic() + timeout
-        while True:
-            ref = self.store.get_batch.remote(iteration, 1.0)
-            ready, _ = ray.wait([ref], timeout=timeout)
-            if not ready:
-                raise TimeoutError(f"the ReplayStore did not answer in {timeout} s (ray.actor_timeout_s)")
-            batch = ray.get(ref)
-            if batch is not None:
-                return batch
-            self._check_samplers()
-            if time.monotonic() > deadline:
-                stats = ray.get(self.store.stats.remote())
-                raise TimeoutError(f"no full batch for iteration {iteration} in {timeout} s "
-                                   f"(ray.actor_timeout_s); store: {stats}")
-
     def _update(self, batch: dict, iteration: int) -> dict:
         c = self.config
         rewards = sum(r.weight * batch["scores"][r.name] for r in c.rewards)
@@ -212,7 +195,7 @@ class Trainer:
             wait_start = time.perf_counter()
             stats = None
             while stats is None:  # a batch whose sampler died in between is dropped and replaced
-                batch = self._next_batch(it)
+                batch = next_batch(self.store, it, c.ray.actor_timeout_s, self._check_samplers)
                 stats = self._update(batch, it)
                 if stats is None:
                     ray.get(self.store.batch_lost.remote(c.algo.batch_size))

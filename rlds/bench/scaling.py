@@ -18,12 +18,9 @@ batch overlaps learning on this one. Efficiency(n) = throughput(n) / (n x throug
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
 import socket
-import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -32,7 +29,7 @@ import numpy as np
 import ray
 
 from rlds.config import Config, SamplerConfig
-from rlds.distributed.replay import ReplayStore
+from rlds.distributed.replay import ReplayStore, next_batch
 from rlds.distributed.sampler import SamplerLoop
 from rlds.policy.sampling import Trajectory
 from rlds.distributed.reward import RewardPool
@@ -133,22 +130,6 @@ class ModelledLearner:
 # ---------------------------------------------------------------------- one trial
 
 
-def _next_batch(store, iteration: int, timeout_s: float) -> dict:
-    """Trainer._next_batch: poll the store with a short server-side wait, never block for ever."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        ref = store.get_batch.remote(iteration, 1.0)
-        ready, _ = ray.wait([ref], timeout=timeout_s)
-        if not ready:
-            raise TimeoutError(f"the ReplayStore did not answer in {timeout_s} s")
-        batch = ray.get(ref)
-        if batch is not None:
-            return batch
-        if time.monotonic() > deadline:
-            stats = ray.get(store.stats.remote(), timeout=10)
-            raise TimeoutError(f"no full batch for iteration {iteration} in {timeout_s} s; store: {stats}")
-
-
 def _trial(samplers: list, pools: list, n: int, batch_size: int, global_batch: int, warmup: int,
            iterations: int, max_staleness: int, update_cost_s: float, weight_values: int,
            timeout_s: float, epoch: int) -> dict:
@@ -171,7 +152,7 @@ def _trial(samplers: list, pools: list, n: int, batch_size: int, global_batch: i
         done_at, lags, update_s, wait_s = [], [], [], []
         for it in range(warmup + iterations):
             t0 = time.perf_counter()
-            batch = _next_batch(store, it, timeout_s)
+            batch = next_batch(store, it, timeout_s)
             wait_s.append(time.perf_counter() - t0)
             rewards = sum(batch["scores"].values())
             adv = compute_advantages(rewards, "batch", 10.0, batch["prompt_ids"], batch["group_ids"])
@@ -329,24 +310,3 @@ def run_scaling(sampler_counts: Sequence[int] = (1, 2, 4, 8, 16), nodes: int = 4
     result["wall_s"] = round(time.perf_counter() - wall_start, 2)
     return result
 
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rlds.bench.scaling", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", help="write the results here as JSON")
-    parser.add_argument("--samplers", default="1,2,4,8,16", help="comma-separated sampler counts")
-    parser.add_argument("--nodes", type=int, default=4)
-    parser.add_argument("--sample-cost", type=float, default=0.2, help="modelled seconds per sampler batch")
-    parser.add_argument("--iterations", type=int, default=15)
-    args = parser.parse_args(argv)
-    result = run_scaling(sampler_counts=[int(c) for c in args.samplers.split(",")], nodes=args.nodes,
-                         sample_cost_s=args.sample_cost, iterations=args.iterations)
-    text = json.dumps(result, indent=2)
-    if args.out:
-        Path(args.out).write_text(text)
-    print(json.dumps({"efficiency": result["efficiency"], "target": result["target"],
-                      "wall_s": result["wall_s"], "notes": result["notes"]}, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,7 +12,7 @@ import itertools
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import ray
@@ -236,3 +236,23 @@ class ReplayStore:
     def restart_from(self, learner_version: int, consumed: int) -> None:
         """Continue the version/position count of a resumed run."""
         self.learner_version, self.consumed = learner_version, consumed
+
+
+def next_batch(store, iteration: int, timeout_s: float, on_wait: Optional[Callable[[], None]] = None) -> dict:
+    """The next full batch from `store`, asking with a short server-side wait so that nothing is
+    consumed by an abandoned call; `on_wait` runs between asks (the trainer checks its samplers)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        ref = store.get_batch.remote(iteration, 1.0)
+        ready, _ = ray.wait([ref], timeout=timeout_s)
+        if not ready:
+            raise TimeoutError(f"the ReplayStore did not answer in {timeout_s} s (ray.actor_timeout_s)")
+        batch = ray.get(ref)
+        if batch is not None:
+            return batch
+        if on_wait is not None:
+            on_wait()
+        if time.monotonic() > deadline:
+            stats = ray.get(store.stats.remote(), timeout=10)
+            raise TimeoutError(f"no full batch for iteration {iteration} in {timeout_s} s "
+                               f"(ray.actor_timeout_s); store: {stats}")
