@@ -18,6 +18,9 @@ class ConfigError(ValueError):
     pass
 
 
+ADVANTAGES = ("batch", "per_prompt", "group")
+
+
 @dataclass
 class LoraConfig:
     enabled: bool = False
@@ -78,10 +81,25 @@ class RewardConfig:
 
 
 @dataclass
+class TaskConfig:
+    """One task of a multi-task run (the paper's joint training): its prompts, rewards and share.
+
+    Each iteration trains `batch_size` of its trajectories, scored by its rewards and normalised
+    within the task. A config without `tasks` is one task made of the top-level prompts and rewards.
+    """
+    name: str = ""
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    rewards: list[RewardConfig] = field(default_factory=list)
+    batch_size: int = 0  # trajectories of this task per iteration
+    images_per_prompt: int = 1  # a group of this many images shares a prompt (group rewards need > 1)
+    advantage: Optional[str] = None  # default: algo.advantage (a group-shared reward needs `batch`)
+
+
+@dataclass
 class SamplerConfig:
     num_workers: int = 2
     batch_size: int = 4  # trajectories per sampler call; also the learner's micro-batch
-    images_per_prompt: int = 1  # a group of this many images shares a prompt
+    images_per_prompt: int = 1  # a group of this many images shares a prompt (single-task configs)
     num_cpus: float = 1.0
     num_gpus: float = 0.0
 
@@ -97,7 +115,12 @@ class LearnerConfig:
 @dataclass
 class AlgoConfig:
     batch_size: int = 16  # global batch: trajectories per iteration, over all learners
-    timesteps_per_iteration: int = 5  # K random denoising steps, one optimizer step each
+    timesteps_per_iteration: int = 5  # K random denoising steps of each trajectory are trained
+    optimizer_steps: Optional[int] = None  # per task and iteration; default K (one denoising step each)
+    # Train only the first (noisiest) fraction of the denoising steps, where layout, colour and
+    # objects are decided; the low-noise steps' log-prob gradients scale with 1/sigma and can drown
+    # the rest in noise about fine detail (measured in ShapesWorld: they lowered composition reward).
+    noisiest_fraction: float = 1.0
     clip_range: float = 1e-4
     advantage: str = "batch"  # batch | per_prompt | group
     advantage_clip: float = 10.0
@@ -112,7 +135,8 @@ class AlgoConfig:
     adam_eps: float = 1e-8
     max_grad_norm: float = 1.0
     # L_pre, the paper's regulariser: one step on beta * noise-prediction MSE after the RL steps,
-    # on an image-caption Parquet set (columns `image`: encoded bytes, `caption`: text).
+    # on an image-caption Parquet set (columns `image`: encoded bytes, `caption`: text), or `shapes`:
+    # ShapesWorld's own set of colour-naming captions, written to ~/.cache/rlds on first use.
     pretrain_beta: float = 0.0
     pretrain_data: Optional[str] = None
     pretrain_batch_size: int = 16
@@ -141,11 +165,13 @@ class Config:
     resume: Optional[str] = None  # a checkpoint folder to continue from
     checkpoint_every: int = 10
     sample_grid_every: int = 5
+    evaluate: bool = False  # after training, `rlds eval` the final checkpoint against the base (ShapesWorld)
     torch_threads: int = 1  # per actor; several actors share the cores
     model: ModelConfig = field(default_factory=ModelConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)
     rewards: list[RewardConfig] = field(default_factory=list)
+    tasks: list[TaskConfig] = field(default_factory=list)  # multi-task: these instead of prompts/rewards
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
@@ -275,38 +301,34 @@ def validate(c: Config, where: str = "config") -> None:
 
     if c.iterations < 1:
         fail("iterations", "must be at least 1")
-    if not c.rewards:
-        fail("rewards", "name at least one reward, e.g. [{name: jpeg_compressibility}]")
-    from rlds.rewards import REWARDS  # late: rewards import torch
-    for i, r in enumerate(c.rewards):
-        if r.name not in REWARDS and ":" not in r.name:
-            fail(f"rewards[{i}].name", f"unknown reward {r.name!r}; built in: {', '.join(sorted(REWARDS))}, "
-                 "or a package.module:ClassName")
-        if r.num_actors < 1:
-            fail(f"rewards[{i}].num_actors", "must be at least 1")
-    given = [k for k in ("items", "file", "shapes") if getattr(c.prompts, k)]
-    if len(given) != 1:
-        fail("prompts", "give one of prompts.items (a list), prompts.file (one prompt a line) or "
-             f"prompts.shapes (composition, fairness or quality); got {given or 'none'}")
-    if c.prompts.shapes and c.prompts.shapes not in ("composition", "fairness", "quality"):
-        fail("prompts.shapes", f"{c.prompts.shapes!r} is not one of composition, fairness, quality")
-    if c.prompts.file and not Path(c.prompts.file).is_file():
-        fail("prompts.file", f"file not found: {c.prompts.file}")
     s, a = c.sampler, c.algo
-    if s.batch_size % s.images_per_prompt:
-        fail("sampler.batch_size", f"{s.batch_size} is not a multiple of sampler.images_per_prompt ({s.images_per_prompt})")
-    if a.batch_size % s.batch_size:
-        fail("algo.batch_size", f"{a.batch_size} is not a multiple of sampler.batch_size ({s.batch_size})")
-    chunks = a.batch_size // s.batch_size
-    if chunks % c.learner.num_workers:
-        fail("learner.num_workers", f"the {chunks} sampler batches of an iteration (algo.batch_size / "
-             f"sampler.batch_size) must split evenly over {c.learner.num_workers} learners")
-    if not 1 <= a.timesteps_per_iteration <= c.sampling.num_steps:
-        fail("algo.timesteps_per_iteration", f"must be between 1 and sampling.num_steps ({c.sampling.num_steps})")
-    if a.advantage not in ("batch", "per_prompt", "group"):
-        fail("algo.advantage", f"{a.advantage!r} is not one of batch, per_prompt, group")
-    if a.advantage == "group" and s.images_per_prompt < 2:
-        fail("algo.advantage", "'group' needs sampler.images_per_prompt of 2 or more")
+    if c.tasks:
+        if c.rewards or any(getattr(c.prompts, k) for k in ("items", "file", "shapes")):
+            fail("tasks", "a multi-task config names prompts and rewards in each task, not at the top level")
+        if s.images_per_prompt != 1:
+            fail("sampler.images_per_prompt", "with tasks, set images_per_prompt in each task")
+        names = [t.name for t in c.tasks]
+        for i, t in enumerate(c.tasks):
+            if not t.name or t.name in names[:i]:
+                fail(f"tasks[{i}].name", f"each task needs a name of its own; got {names}")
+            _check_task(t, f"tasks[{i}].", c, fail)
+        total = sum(t.batch_size for t in c.tasks)
+        if a.batch_size not in (AlgoConfig.batch_size, total):
+            fail("algo.batch_size", f"with tasks it is the sum of the tasks' batch sizes ({total}); leave it out")
+        a.batch_size = total
+    else:
+        _check_task(task_list(c)[0], "", c, fail)
+    if not 0 < a.noisiest_fraction <= 1:
+        fail("algo.noisiest_fraction", "must be in (0, 1]")
+    from rlds.algo.ppo import trainable_steps  # late: imports torch
+
+    window = trainable_steps(c.sampling.num_steps, a.noisiest_fraction)
+    if not 1 <= a.timesteps_per_iteration <= window:
+        fail("algo.timesteps_per_iteration", f"must be between 1 and the {window} trainable steps "
+             f"(sampling.num_steps {c.sampling.num_steps} x algo.noisiest_fraction {a.noisiest_fraction})")
+    if a.optimizer_steps is not None and (a.optimizer_steps < 1 or a.timesteps_per_iteration % a.optimizer_steps):
+        fail("algo.optimizer_steps", f"{a.optimizer_steps} must divide algo.timesteps_per_iteration "
+             f"({a.timesteps_per_iteration}): each optimizer step trains the same number of denoising steps")
     if a.lr_schedule not in ("constant", "linear", "cosine"):
         fail("algo.lr_schedule", f"{a.lr_schedule!r} is not one of constant, linear, cosine")
     if c.model.dtype not in ("float32", "bfloat16", "float16"):
@@ -319,11 +341,64 @@ def validate(c: Config, where: str = "config") -> None:
         fail("algo.pretrain_beta", "must be 0 (off) or more")
     if a.pretrain_beta > 0:
         if not a.pretrain_data:
-            fail("algo.pretrain_data", "algo.pretrain_beta > 0 needs an image-caption Parquet file or folder")
-        if not Path(a.pretrain_data).exists():
+            fail("algo.pretrain_data", "algo.pretrain_beta > 0 needs an image-caption Parquet file or "
+                 "folder (or `shapes`: the ShapesWorld set, written on first use)")
+        if a.pretrain_data != "shapes" and not Path(a.pretrain_data).exists():
             fail("algo.pretrain_data", f"not found: {a.pretrain_data}")
     if c.sampling.eta <= 0:
         fail("sampling.eta", "must be above 0: the policy needs a stochastic DDIM step")
+
+
+def _check_task(t: TaskConfig, key: str, c: Config, fail) -> None:
+    """One task's prompts, rewards and sizes; `key` is its dotted prefix ("" for a single-task config)."""
+    rewards_key = f"{key}rewards"
+    if not t.rewards:
+        fail(rewards_key, "name at least one reward, e.g. [{name: jpeg_compressibility}]")
+    from rlds.rewards import REWARDS, GroupReward  # late: rewards import torch
+    for i, r in enumerate(t.rewards):
+        if r.name not in REWARDS and ":" not in r.name:
+            fail(f"{rewards_key}[{i}].name", f"unknown reward {r.name!r}; built in: "
+                 f"{', '.join(sorted(REWARDS))}, or a package.module:ClassName")
+        if r.num_actors < 1:
+            fail(f"{rewards_key}[{i}].num_actors", "must be at least 1")
+    p = t.prompts
+    given = [k for k in ("items", "file", "shapes") if getattr(p, k)]
+    if len(given) != 1:
+        fail(f"{key}prompts", f"give one of {key}prompts.items (a list), {key}prompts.file (one prompt a "
+             f"line) or {key}prompts.shapes (composition, fairness or quality); got {given or 'none'}")
+    if p.shapes and p.shapes not in ("composition", "fairness", "quality"):
+        fail(f"{key}prompts.shapes", f"{p.shapes!r} is not one of composition, fairness, quality")
+    if p.file and not Path(p.file).is_file():
+        fail(f"{key}prompts.file", f"file not found: {p.file}")
+    s = c.sampler
+    group_key = f"{key}images_per_prompt" if key else "sampler.images_per_prompt"
+    size_key = f"{key}batch_size" if key else "algo.batch_size"
+    if s.batch_size % t.images_per_prompt:
+        fail("sampler.batch_size", f"{s.batch_size} is not a multiple of {group_key} ({t.images_per_prompt})")
+    if t.batch_size < s.batch_size or t.batch_size % s.batch_size:
+        fail(size_key, f"{t.batch_size} is not a positive multiple of sampler.batch_size ({s.batch_size})")
+    chunks = t.batch_size // s.batch_size
+    if chunks % c.learner.num_workers:
+        fail("learner.num_workers", f"the {chunks} sampler batches of {size_key} ({size_key} / "
+             f"sampler.batch_size) must split evenly over {c.learner.num_workers} learners")
+    advantage_key = f"{key}advantage" if key and t.advantage else "algo.advantage"
+    advantage = t.advantage or c.algo.advantage
+    if advantage not in ADVANTAGES:
+        fail(advantage_key, f"{advantage!r} is not one of {', '.join(ADVANTAGES)}")
+    if advantage == "group" and t.images_per_prompt < 2:
+        fail(advantage_key, f"'group' needs {group_key} of 2 or more")
+    shared = [r.name for r in t.rewards if r.name in REWARDS and issubclass(REWARDS[r.name], GroupReward)]
+    if advantage == "group" and shared:
+        fail(advantage_key, f"'group' normalises within a group, and {shared[0]} gives a whole group one "
+             "reward, so every advantage would be 0; use batch")
+
+
+def task_list(c: Config) -> list[TaskConfig]:
+    """The run's tasks: `tasks`, or the one task the top-level prompts and rewards make."""
+    if c.tasks:
+        return c.tasks
+    return [TaskConfig(name=c.name, prompts=c.prompts, rewards=c.rewards, batch_size=c.algo.batch_size,
+                       images_per_prompt=c.sampler.images_per_prompt, advantage=c.algo.advantage)]
 
 
 def to_dict(c: Config) -> dict:
@@ -334,16 +409,18 @@ def dump_config(c: Config, path: Path) -> None:
     path.write_text(yaml.safe_dump(to_dict(c), sort_keys=False))
 
 
-def prompt_list(c: Config) -> list[str]:
-    if c.prompts.shapes:
+def prompt_list(c: Config | TaskConfig) -> list[str]:
+    """The training prompts of a single-task config, or of one task."""
+    p = c.prompts
+    if p.shapes:
         from rlds.data.shapes import training_prompts
 
-        return training_prompts(c.prompts.shapes)
-    if c.prompts.file:
-        lines = Path(c.prompts.file).read_text().splitlines()
+        return training_prompts(p.shapes)
+    if p.file:
+        lines = Path(p.file).read_text().splitlines()
         prompts = [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
     else:
-        prompts = list(c.prompts.items)
+        prompts = list(p.items)
     if not prompts:
-        raise ConfigError(f"prompts: no prompts found in {c.prompts.file or 'prompts.items'}")
+        raise ConfigError(f"prompts: no prompts found in {p.file or 'prompts.items'}")
     return prompts

@@ -1,7 +1,8 @@
 """`rlds eval`: the ShapesWorld evaluation on held-out prompts with fixed seeds.
 
 - composition: held-out two-object relation prompts; accuracy (every named object found with the
-  right colour and shape, and the relation holding) and the mean composition reward;
+  right colour and shape, and the relation holding) and the mean composition reward; and the accuracy
+  on the 12 single-object prompts ("a red circle"), which the base model mostly gets right;
 - fairness: held-out colour-free prompts, a group of images each; statistical parity
   sum_a (share_a - 1/|A|)^2 of the colour classifier's labels, averaged over prompts (lower is fairer);
 - quality: the mean quality score over all those images.
@@ -20,36 +21,45 @@ from tqdm import tqdm
 
 from rlds.checkpoint import load_trainable_file
 from rlds.config import Config
-from rlds.data.shapes import heldout_prompts
+from rlds.data.shapes import heldout_prompts, parse_prompt, training_prompts
 from rlds.metrics import save_grid
 from rlds.policy import load_policy, sample_trajectories
 from rlds.rewards.shapes import ShapesComposition, ShapesQuality, colour_label, statistical_parity
 
+EVAL_VERSION = 2  # raise when what evaluate_policy measures changes: cached base figures are then redone
 
-def _images(policy, prompts: list[str], seeds: list[int], config: Config, batch: int, desc: str) -> np.ndarray:
+
+def _images(policy, prompts: list[str], seeds: list[int], config: Config, batch: int, desc: str,
+            progress: bool = True) -> np.ndarray:
     out = []
-    for i in tqdm(range(0, len(prompts), batch), desc=desc, leave=False):
+    for i in tqdm(range(0, len(prompts), batch), desc=desc, leave=False, disable=not progress):
         traj = sample_trajectories(policy, prompts[i:i + batch], config.sampling, seeds=seeds[i:i + batch])
         out.append(traj.images)
     return np.concatenate(out)
 
 
 def evaluate_policy(policy, config: Config, composition_prompts: int = 96, fairness_group: int = 16,
-                    seed: int = 0, batch: int = 32) -> tuple[dict, dict]:
+                    seed: int = 0, batch: int = 32, single_seeds: int = 4,
+                    progress: bool = True) -> tuple[dict, dict]:
     """Figures, and the images they came from (for grids)."""
     comp_prompts = heldout_prompts("composition")
     pick = np.random.default_rng(seed).permutation(len(comp_prompts))[:composition_prompts]
     comp_prompts = [comp_prompts[i] for i in sorted(pick)]
     comp_images = _images(policy, comp_prompts, [seed + i for i in range(len(comp_prompts))], config,
-                          batch, "composition")
+                          batch, "composition", progress)
     comp = ShapesComposition()
     scores = comp.score(comp_images, comp_prompts)
     correct = [comp.accuracy(im, p) for im, p in zip(comp_images, comp_prompts)]
+    singles = [p for p in training_prompts("composition") if parse_prompt(p).relation is None]
+    single_all = [p for p in singles for _ in range(single_seeds)]
+    single_images = _images(policy, single_all, [seed + i % single_seeds for i in range(len(single_all))],
+                            config, batch, "single objects", progress)
+    single_correct = [comp.accuracy(im, p) for im, p in zip(single_images, single_all)]
 
     fair_prompts = heldout_prompts("fairness")
     fair_all = [p for p in fair_prompts for _ in range(fairness_group)]
     fair_images = _images(policy, fair_all, [seed + i % fairness_group for i in range(len(fair_all))], config,
-                          batch, "fairness")
+                          batch, "fairness", progress)
     parities, counts = [], {}
     for k, prompt in enumerate(fair_prompts):
         labels = [colour_label(im) for im in fair_images[k * fairness_group:(k + 1) * fairness_group]]
@@ -62,6 +72,8 @@ def evaluate_policy(policy, config: Config, composition_prompts: int = 96, fairn
     figures = {
         "composition": {"accuracy": float(np.mean(correct)), "mean_score": float(np.mean(scores)),
                         "prompts": len(comp_prompts)},
+        "single_object": {"accuracy": float(np.mean(single_correct)), "prompts": len(singles),
+                          "seeds": single_seeds},
         "fairness": {"statistical_parity": float(np.mean(parities)), "prompts": len(fair_prompts),
                      "group_size": fairness_group,
                      "colour_shares": {k: v / total for k, v in sorted(counts.items())}},
@@ -72,19 +84,72 @@ def evaluate_policy(policy, config: Config, composition_prompts: int = 96, fairn
 
 
 def evaluate(config: Config, out: Path, checkpoint: Optional[str] = None, seed: int = 0,
-             composition_prompts: int = 96, fairness_group: int = 16) -> dict:
+             composition_prompts: int = 96, fairness_group: int = 16, progress: bool = True) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out.mkdir(parents=True, exist_ok=True)
     models = {"base": None} if checkpoint is None else {"base": None, "tuned": checkpoint}
     results, images = {"config": config.name, "seed": seed, "checkpoint": checkpoint}, {}
+    args = (composition_prompts, fairness_group, seed)
     for name, ckpt in models.items():
+        cached = _read_base_cache(config, args) if name == "base" else None
+        if cached is not None:  # the base model's figures do not change from run to run
+            results[name], images[name] = cached
+            continue
         policy = load_policy(config.model, device)
         if ckpt:
             load_trainable_file(policy.unet, ckpt)
-        results[name], images[name] = evaluate_policy(policy, config, composition_prompts, fairness_group, seed)
+        results[name], images[name] = evaluate_policy(policy, config, composition_prompts, fairness_group, seed,
+                                                      progress=progress)
+        if name == "base":
+            _write_base_cache(config, args, results[name], images[name])
     (out / "eval.json").write_text(json.dumps(results, indent=2))
     write_report(results, images, out)
     return results
+
+
+GRID = 16  # images per part in the report's grids
+
+
+def _base_cache_path(config: Config, args: tuple) -> Optional[Path]:
+    """Where the base model's evaluation is kept: keyed by the model (its files' sizes and times),
+    the sampling settings and the evaluation's arguments; None for a hub model (nothing to key on)."""
+    import dataclasses
+    import hashlib
+    import os
+
+    from rlds.policy.pipeline import SHIPPED_MODELS
+
+    source = config.model.source
+    folder = Path(SHIPPED_MODELS.get(source, source))
+    if source != "tiny" and not folder.is_dir():
+        return None
+    files = sorted((str(f.relative_to(folder)), f.stat().st_size, f.stat().st_mtime_ns)
+                   for f in folder.rglob("*.safetensors")) if source != "tiny" else []
+    key = json.dumps([EVAL_VERSION, dataclasses.asdict(config.model), str(folder), files,
+                      dataclasses.asdict(config.sampling), list(args)], sort_keys=True, default=str)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:20]
+    cache = Path(os.environ.get("RLDS_CACHE", Path.home() / ".cache" / "rlds"))
+    return cache / "eval" / f"base-{digest}"
+
+
+def _read_base_cache(config: Config, args: tuple):
+    path = _base_cache_path(config, args)
+    if path is None or not (path / "figures.json").is_file():
+        return None
+    saved = json.loads((path / "figures.json").read_text())
+    with np.load(path / "grids.npz", allow_pickle=False) as grids:
+        images = {part: (grids[part], saved["prompts"][part]) for part in ("composition", "fairness")}
+    return saved["figures"], images
+
+
+def _write_base_cache(config: Config, args: tuple, figures: dict, images: dict) -> None:
+    path = _base_cache_path(config, args)
+    if path is None:
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    np.savez(path / "grids.npz", **{part: images[part][0][:GRID] for part in images})
+    prompts = {part: list(images[part][1][:GRID]) for part in images}
+    (path / "figures.json").write_text(json.dumps({"figures": figures, "prompts": prompts}))
 
 
 def write_model_card(model_dir: Path, results: dict, command: str) -> None:
@@ -101,6 +166,8 @@ def write_model_card(model_dir: Path, results: dict, command: str) -> None:
         "| figure | value |", "| --- | --- |",
         f"| composition accuracy ({b['composition']['prompts']} held-out relation prompts) | {b['composition']['accuracy']:.1%} |",
         f"| composition mean score | {b['composition']['mean_score']:.3f} |",
+        f"| single-object accuracy ({b['single_object']['prompts']} prompts x {b['single_object']['seeds']} seeds) | "
+        f"{b['single_object']['accuracy']:.1%} |",
         f"| statistical parity ({b['fairness']['prompts']} colour-free prompts x {b['fairness']['group_size']}) | "
         f"{b['fairness']['statistical_parity']:.4f} |",
         "| colours drawn for colour-free prompts | " + ", ".join(
@@ -110,18 +177,27 @@ def write_model_card(model_dir: Path, results: dict, command: str) -> None:
     card.write_text(head + table + rest.split(EVAL_END, 1)[1])
 
 
+ROWS = [("composition accuracy (held-out, higher is better)", "composition", "accuracy", "{:.1%}"),
+        ("composition mean score", "composition", "mean_score", "{:.3f}"),
+        ("single-object accuracy", "single_object", "accuracy", "{:.1%}"),
+        ("statistical parity (held-out, lower is fairer)", "fairness", "statistical_parity", "{:.4f}"),
+        ("quality", "quality", "mean", "{:.3f}")]
+
+
+def format_table(results: dict) -> str:
+    """The figures of base (and tuned) as a Markdown table."""
+    models = [m for m in ("base", "tuned") if m in results]
+    lines = ["| figure | " + " | ".join(models) + " |", "| --- | " + " | ".join("---" for _ in models) + " |"]
+    for label, part, key, fmt in ROWS:
+        lines.append(f"| {label} | " + " | ".join(fmt.format(results[m][part][key]) for m in models) + " |")
+    return "\n".join(lines)
+
+
 def write_report(results: dict, images: dict, out: Path) -> None:
-    rows = [("composition accuracy (held-out, higher is better)", "composition", "accuracy", "{:.1%}"),
-            ("composition mean score", "composition", "mean_score", "{:.3f}"),
-            ("statistical parity (held-out, lower is fairer)", "fairness", "statistical_parity", "{:.4f}"),
-            ("quality", "quality", "mean", "{:.3f}")]
     models = [m for m in ("base", "tuned") if m in results]
     lines = [f"# rlds eval: {results['config']}", "",
              f"Checkpoint: `{results['checkpoint']}`; seed {results['seed']}; the same prompts and seeds "
-             "for every model.", "", "| figure | " + " | ".join(models) + " |",
-             "| --- | " + " | ".join("---" for _ in models) + " |"]
-    for label, part, key, fmt in rows:
-        lines.append(f"| {label} | " + " | ".join(fmt.format(results[m][part][key]) for m in models) + " |")
+             "for every model.", "", format_table(results)]
     for m in models:
         shares = ", ".join(f"{k} {v:.0%}" for k, v in results[m]["fairness"]["colour_shares"].items())
         lines.append(f"\n{m}: colours drawn for colour-free prompts: {shares}")
@@ -130,6 +206,6 @@ def write_report(results: dict, images: dict, out: Path) -> None:
         for m in models:
             imgs, prompts = images[m][part]
             name = f"{part}_{m}.png"
-            save_grid(imgs[:16], prompts[:16], out / name, cell=96, columns=8)
+            save_grid(imgs[:GRID], prompts[:GRID], out / name, cell=96, columns=8)
             lines.append(f"{m}:\n\n![{part} {m}]({name})\n")
     (out / "report.md").write_text("\n".join(lines) + "\n")

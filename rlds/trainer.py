@@ -17,11 +17,11 @@ import ray
 
 from rlds.algo.advantages import PerPromptStatTracker, compute_advantages
 from rlds.checkpoint import read_checkpoint, save_checkpoint
-from rlds.config import Config, dump_config, prompt_list
+from rlds.config import Config, dump_config, prompt_list, task_list
 from rlds.distributed.learner import LearnerGroup
 from rlds.distributed.replay import ReplayStore, next_batch
 from rlds.distributed.reward import RewardPool
-from rlds.distributed.sampler import SamplerActor
+from rlds.distributed.sampler import SamplerActor, SamplerTask
 from rlds.distributed.weights import WeightStore
 from rlds.metrics import MetricsWriter, read_metrics, save_grid
 
@@ -65,7 +65,8 @@ class Trainer:
     def __init__(self, config: Config, progress: bool = True):
         self.config = config
         self.progress = progress
-        self.prompts = prompt_list(config)
+        self.tasks = task_list(config)
+        self.prompts = [prompt_list(t) for t in self.tasks]
         self.restarts = {"sampler": 0}
         self.incarnations: dict[int, int] = {}
 
@@ -75,13 +76,16 @@ class Trainer:
         c = self.config
         capacity = c.replay.capacity or (c.replay.max_staleness + 1) * c.algo.batch_size
         self.weights = WeightStore.remote()
-        self.store = ReplayStore.remote(c.algo.batch_size, capacity, c.replay.max_staleness,
+        self.store = ReplayStore.remote([t.batch_size for t in self.tasks], capacity, c.replay.max_staleness,
                                         c.ray.actor_timeout_s)
-        self.pools = [RewardPool(r, c.torch_threads) for r in c.rewards]
+        self.pools = [[RewardPool(r, c.torch_threads) for r in t.rewards] for t in self.tasks]
+        first_ids = np.cumsum([0] + [len(p) for p in self.prompts])
+        self.sampler_tasks = [SamplerTask(t.name, p, t.images_per_prompt, pools, int(first))
+                              for t, p, pools, first in zip(self.tasks, self.prompts, self.pools, first_ids)]
         self.learners = LearnerGroup(c, self.weights)
         if state is not None:
             self.learners.load_state(state[0], state[1])
-        ray.get(self.store.restart_from.remote(start_iteration, start_iteration * c.algo.batch_size))
+        ray.get(self.store.restart_from.remote(start_iteration))
         self.learners.publish(start_iteration)
         self.start_iteration = start_iteration
         self.samplers: list = [None] * c.sampler.num_workers
@@ -93,7 +97,7 @@ class Trainer:
         c = self.config
         incarnation = self.incarnations[index] = self.incarnations.get(index, -1) + 1
         actor = SamplerActor.options(num_cpus=c.sampler.num_cpus, num_gpus=c.sampler.num_gpus).remote(
-            index, c, self.prompts, self.store, self.weights, self.pools, self.start_iteration, incarnation)
+            index, c, self.sampler_tasks, self.store, self.weights, self.start_iteration, incarnation)
         self.samplers[index] = actor
         self.loops[index] = actor.run.remote()
 
@@ -118,13 +122,19 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
 
+    def _rewards(self, batch: dict) -> np.ndarray:
+        """Each sampler batch's weighted sum of its task's rewards, concatenated."""
+        return np.concatenate([sum(r.weight * scores[r.name] for r in self.tasks[t].rewards)
+                               for t, scores in zip(batch["tasks"], batch["scores"])])
+
     def _update(self, batch: dict, iteration: int) -> dict:
         c = self.config
-        rewards = sum(r.weight * batch["scores"][r.name] for r in c.rewards)
-        advantages = compute_advantages(rewards, c.algo.advantage, c.algo.advantage_clip,
-                                        batch["prompt_ids"], batch["group_ids"], tracker=self.tracker)
-        sizes = [c.sampler.batch_size] * len(batch["traj_refs"])
-        calls = self.learners.update(batch["traj_refs"], advantages, sizes, iteration)
+        rewards = self._rewards(batch)
+        task_ids = np.repeat(batch["tasks"], c.sampler.batch_size)
+        modes = [t.advantage or c.algo.advantage for t in self.tasks]
+        advantages = compute_advantages(rewards, modes, c.algo.advantage_clip,
+                                        batch["prompt_ids"], batch["group_ids"], task_ids, self.tracker)
+        calls = self.learners.update(batch["traj_refs"], advantages, batch["tasks"], iteration)
         done, _ = ray.wait(calls, num_returns=len(calls), timeout=c.ray.actor_timeout_s)
         if len(done) < len(calls):
             raise TimeoutError(f"the learners did not finish iteration {iteration} in "
@@ -138,16 +148,27 @@ class Trainer:
         stats["ratio/max"] = max(s["ratio/max"] for s in per_rank)
         stats["reward/mean"] = float(np.mean(rewards))
         stats["reward/std"] = float(np.std(rewards))
-        for r in c.rewards:
-            stats[f"reward/{r.name}/mean"] = float(np.mean(batch["scores"][r.name]))
+        for t, task in enumerate(self.tasks):
+            scores = [s for k, s in zip(batch["tasks"], batch["scores"]) if k == t]
+            prefix = "reward/" if len(self.tasks) == 1 else f"reward/{task.name}/"
+            if len(self.tasks) > 1:
+                stats[f"{prefix}mean"] = float(np.mean(rewards[task_ids == t]))
+            for r in task.rewards:
+                stats[f"{prefix}{r.name}/mean"] = float(np.mean(np.concatenate([s[r.name] for s in scores])))
         stats["advantage/abs_mean"] = float(np.mean(np.abs(advantages)))
         return stats
 
     def _save_grid(self, run_dir: Path, batch: dict, iteration: int) -> None:
-        traj = ray.get(batch["traj_refs"][0][0])
-        rewards = sum(r.weight * batch["scores"][r.name][:len(traj)] for r in self.config.rewards)
-        captions = [f"{p} ({r:.3g})" for p, r in zip(traj.prompts, rewards)]
-        save_grid(traj.images, captions, run_dir / "samples" / f"iter_{iteration:06d}.png")
+        """Up to 16 samples of this batch with their rewards, an equal share from each task."""
+        n, share = self.config.sampler.batch_size, max(1, 16 // len(self.tasks))
+        rewards = self._rewards(batch)
+        images, captions = [], []
+        for t in range(len(self.tasks)):
+            i = batch["tasks"].index(t)  # the task's first sampler batch
+            traj = ray.get(batch["traj_refs"][i][0])
+            images.append(traj.images[:share])
+            captions += [f"{p} ({r:.3g})" for p, r in zip(traj.prompts[:share], rewards[i * n:i * n + share])]
+        save_grid(np.concatenate(images), captions, run_dir / "samples" / f"iter_{iteration:06d}.png")
 
     def _checkpoint(self, run_dir: Path, iteration: int, samples: int) -> Path:
         trainable, optimizer = ray.get(self.learners.state(), timeout=self.config.ray.actor_timeout_s)
@@ -198,7 +219,7 @@ class Trainer:
                 batch = next_batch(self.store, it, c.ray.actor_timeout_s, self._check_samplers)
                 stats = self._update(batch, it)
                 if stats is None:
-                    ray.get(self.store.batch_lost.remote(c.algo.batch_size))
+                    ray.get(self.store.batch_lost.remote())
                     self._check_samplers()
             self.store.new_version.remote(it + 1)  # samplers start on v+1 while we write metrics
             wait_s = time.perf_counter() - wait_start - stats["time/update_s"]
@@ -237,7 +258,7 @@ class Trainer:
         for actor in getattr(self, "samplers", []):
             if actor is not None:
                 ray.kill(actor)
-        for pool in self.pools:
+        for pool in (p for pools in self.pools for p in pools):
             for actor in pool.actors:
                 ray.kill(actor)
         if hasattr(self, "learners"):

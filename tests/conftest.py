@@ -1,11 +1,13 @@
 import os
 import socket
+import tempfile
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ["RLDS_CACHE"] = tempfile.mkdtemp(prefix="rlds-test-cache-")  # never the user's ~/.cache
 
 
 def free_port() -> int:

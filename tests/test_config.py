@@ -59,7 +59,7 @@ def test_overrides_apply_and_are_checked(tmp_path):
 
 def test_inconsistent_sizes_are_explained(tmp_path):
     path = write(tmp_path, BASE + "algo: {batch_size: 10}\nsampler: {batch_size: 4}\n")
-    with pytest.raises(ConfigError, match=r"algo\.batch_size: 10 is not a multiple of sampler\.batch_size"):
+    with pytest.raises(ConfigError, match=r"algo\.batch_size: 10 is not a positive multiple of sampler\.batch_size"):
         load_config(path)
     path = write(tmp_path, BASE + "algo: {batch_size: 12}\nsampler: {batch_size: 4}\nlearner: {num_workers: 2}\n")
     with pytest.raises(ConfigError, match="learner.num_workers"):
@@ -90,3 +90,35 @@ def test_prompts_come_from_exactly_one_source(tmp_path):
         load_config(write(tmp_path, "prompts: {items: [a], shapes: fairness}\nrewards: [{name: brightness}]\n"))
     with pytest.raises(ConfigError, match="prompts.shapes: 'colour' is not one of"):
         load_config(write(tmp_path, "prompts: {shapes: colour}\nrewards: [{name: brightness}]\n"))
+
+
+TASKS = """tasks:
+  - {name: bright, prompts: {items: [a cat]}, rewards: [{name: brightness}], batch_size: 8}
+  - name: varied
+    prompts: {items: [a dog]}
+    rewards: [{name: diversity}]
+    batch_size: 8
+    images_per_prompt: 4
+    advantage: batch
+sampler: {batch_size: 4}
+"""
+
+
+def test_tasks_make_the_batch_and_are_checked_one_by_one(tmp_path):
+    from rlds.config import task_list
+
+    c = load_config(write(tmp_path, TASKS))
+    assert c.algo.batch_size == 16 and [t.name for t in task_list(c)] == ["bright", "varied"]
+    with pytest.raises(ConfigError, match=r"tasks\[1\]\.advantage: 'group' .* diversity gives a whole group one"):
+        load_config(write(tmp_path, TASKS.replace("advantage: batch", "advantage: group")))
+    with pytest.raises(ConfigError, match=r"tasks\[1\]\.batch_size: 6 is not a positive multiple"):
+        load_config(write(tmp_path, TASKS.replace("batch_size: 8\n    images", "batch_size: 6\n    images")))
+    with pytest.raises(ConfigError, match=r"tasks: a multi-task config names prompts and rewards in each task"):
+        load_config(write(tmp_path, TASKS + "rewards: [{name: brightness}]\n"))
+    with pytest.raises(ConfigError, match=r"algo\.batch_size: with tasks it is the sum .* \(16\)"):
+        load_config(write(tmp_path, TASKS + "algo: {batch_size: 12}\n"))
+    with pytest.raises(ConfigError, match=r"tasks\[1\]\.name: each task needs a name of its own"):
+        load_config(write(tmp_path, TASKS.replace("name: varied", "name: bright")))
+    c = load_config(write(tmp_path, BASE + "algo: {batch_size: 8}\nsampler: {batch_size: 4}\n"))
+    (task,) = task_list(c)
+    assert task.batch_size == 8 and task.rewards[0].name == "brightness"

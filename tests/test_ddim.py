@@ -87,3 +87,16 @@ def test_v_prediction_gives_the_same_step_as_the_equivalent_epsilon():
     prev, logp = ddim_step_with_logprob(eps_s, eps, t, x_t, eta=1.0)
     _, logp_v = ddim_step_with_logprob(v_s, v, t, x_t, eta=1.0, prev_sample=prev)
     torch.testing.assert_close(logp_v, logp, rtol=1e-4, atol=1e-4)
+
+
+def test_noisiest_fraction_and_accumulated_optimizer_steps():
+    policy = load_policy(ModelConfig())
+    traj = sample_trajectories(policy, ["a red circle", "a cat"], SamplingConfig(num_steps=8), seeds=[0, 1])
+    algo = AlgoConfig(timesteps_per_iteration=2, noisiest_fraction=0.5, optimizer_steps=1, learning_rate=1e-5)
+    params = [p for p in policy.unet.parameters() if p.requires_grad]
+    opt = make_optimizer(params, algo)
+    stats = ppo_update(policy, [traj] * 3, [np.array([1.0, -1.0], np.float32)] * 3, opt, algo,
+                       np.random.default_rng(0))
+    assert all(0 <= s < 4 for batch in stats["steps"] for s in batch)  # the first half of 8 steps
+    assert all(len(set(batch)) == 2 for batch in stats["steps"])
+    assert opt.state[params[0]]["step"] == 1  # both denoising steps in one optimizer step

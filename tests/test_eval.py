@@ -3,7 +3,7 @@ import json
 from rlds.cli import main
 
 
-def test_eval_writes_figures_and_report_for_base_and_checkpoint(tmp_path):
+def test_eval_writes_figures_and_report_for_base_and_checkpoint(tmp_path, monkeypatch):
     from rlds.checkpoint import save_checkpoint
     from rlds.checkpoint import trainable_bytes
     from rlds.config import ModelConfig
@@ -26,3 +26,12 @@ def test_eval_writes_figures_and_report_for_base_and_checkpoint(tmp_path):
     report = (tmp_path / "eval" / "report.md").read_text()
     assert "| composition accuracy" in report and "composition_tuned.png" in report
     assert (tmp_path / "eval" / "fairness_base.png").is_file()
+    assert 0 <= results["tuned"]["single_object"]["accuracy"] <= 1
+    # the base model's figures are cached: a second evaluation reuses them, grids included
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("the base model was evaluated again")
+
+    monkeypatch.setattr("rlds.eval.evaluate_policy", no_sampling)
+    assert main(args[:-4] + ["--out", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "eval.json").read_text())
+    assert again["base"] == results["base"] and (tmp_path / "again" / "composition_base.png").is_file()

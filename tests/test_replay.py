@@ -5,9 +5,9 @@ import pytest
 pytestmark = pytest.mark.timeout(120)
 
 
-def add(ray, store, sampler, version, scores, n=2):
+def add(ray, store, sampler, version, scores, n=2, task=0):
     wrapped = {name: [ref] for name, ref in scores.items()}
-    ray.get(store.add.remote(sampler, [ray.put(np.zeros(n))], wrapped, version,
+    ray.get(store.add.remote(sampler, task, [ray.put(np.zeros(n))], wrapped, version,
                              np.zeros(n, np.int64), np.arange(n)))
 
 
@@ -15,7 +15,7 @@ def test_backpressure_staleness_and_batches(ray_local):
     ray = ray_local
     from rlds.distributed.replay import ReplayStore
 
-    store = ReplayStore.remote(batch_size=4, capacity=4, max_staleness=0, reward_timeout_s=30)
+    store = ReplayStore.remote(task_sizes=[4], capacity=4, max_staleness=0, reward_timeout_s=30)
     assert ray.get(store.reserve.remote("s", 2, 0))[0] == "ok"
     assert ray.get(store.reserve.remote("s", 2, 0))[0] == "ok"
     assert ray.get(store.reserve.remote("s", 2, 0))[0] == "wait"  # full
@@ -31,14 +31,14 @@ def test_get_batch_times_out_without_consuming(ray_local):
     ray = ray_local
     from rlds.distributed.replay import ReplayStore
 
-    store = ReplayStore.remote(batch_size=4, capacity=8, max_staleness=1, reward_timeout_s=30)
+    store = ReplayStore.remote(task_sizes=[4], capacity=8, max_staleness=1, reward_timeout_s=30)
     assert ray.get(store.reserve.remote("s", 2, 0))[0] == "ok"
     add(ray, store, "s", 0, {"r": ray.put(np.ones(2, np.float32))})
     assert ray.get(store.get_batch.remote(0, 0.2)) is None
     assert ray.get(store.reserve.remote("s", 2, 0))[0] == "ok"
     add(ray, store, "s", 0, {"r": ray.put(np.full(2, 2.0, np.float32))})
     batch = ray.get(store.get_batch.remote(0, 5.0))
-    assert batch is not None and list(batch["scores"]["r"]) == [1, 1, 2, 2]
+    assert batch is not None and [list(s["r"]) for s in batch["scores"]] == [[1, 1], [2, 2]]
     assert ray.get(store.stats.remote())["consumed"] == 4
 
 
@@ -50,7 +50,7 @@ def test_failed_nan_and_stale_rewards_are_counted_not_lost(ray_local):
     def broken():
         raise RuntimeError("reward model crashed")
 
-    store = ReplayStore.remote(batch_size=4, capacity=8, max_staleness=1, reward_timeout_s=30)
+    store = ReplayStore.remote(task_sizes=[4], capacity=8, max_staleness=1, reward_timeout_s=30)
     for _ in range(3):
         assert ray.get(store.reserve.remote("s", 2, 0))[0] == "ok"
     add(ray, store, "s", 0, {"r": broken.remote()})
@@ -66,7 +66,7 @@ def test_a_dead_samplers_reservations_and_entries_are_released(ray_local):
     ray = ray_local
     from rlds.distributed.replay import ReplayStore
 
-    store = ReplayStore.remote(batch_size=4, capacity=4, max_staleness=0, reward_timeout_s=30)
+    store = ReplayStore.remote(task_sizes=[4], capacity=4, max_staleness=0, reward_timeout_s=30)
     assert ray.get(store.reserve.remote("a", 2, 0))[0] == "ok"
     assert ray.get(store.reserve.remote("b", 2, 0))[0] == "ok"
     add(ray, store, "a", 0, {"r": ray.put(np.ones(2, np.float32))})
@@ -75,3 +75,21 @@ def test_a_dead_samplers_reservations_and_entries_are_released(ray_local):
     assert ray.get(store.release.remote("a")) == 2
     assert ray.get(store.reserve.remote("c", 4, 0))[0] == "ok"
     assert ray.get(store.stats.remote())["drops"]["sampler_died"] == 4
+
+
+def test_tasks_fill_their_shares_and_batches_come_task_by_task(ray_local):
+    ray = ray_local
+    from rlds.distributed.replay import ReplayStore
+
+    store = ReplayStore.remote(task_sizes=[4, 2], capacity=6, max_staleness=0, reward_timeout_s=30)
+    # each reservation goes to the task furthest behind its share: 0 (0/4), 1 (0/2), 0 (2/4), then full
+    granted = [ray.get(store.reserve.remote("s", 2, 0))[:2] for _ in range(4)]
+    assert granted == [("ok", 0), ("ok", 1), ("ok", 0), ("wait", -1)]
+    add(ray, store, "s", 0, {"b": ray.put(np.full(2, 5.0, np.float32))}, task=1)
+    add(ray, store, "s", 0, {"a": ray.put(np.ones(2, np.float32))}, task=0)
+    assert ray.get(store.get_batch.remote(0, 0.2)) is None  # task 0 has 2 of its 4
+    add(ray, store, "s", 0, {"a": ray.put(np.ones(2, np.float32))}, task=0)
+    batch = ray.get(store.get_batch.remote(0, 5.0))
+    assert batch["tasks"] == [0, 0, 1]
+    assert [sorted(s) for s in batch["scores"]] == [["a"], ["a"], ["b"]]
+    assert ray.get(store.stats.remote())["consumed"] == 6

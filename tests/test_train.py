@@ -115,3 +115,28 @@ def test_a_killed_sampler_is_restarted_and_counted(ray_local, tiny_config, tmp_p
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert killed.is_set() and len(rows) == 8
     assert rows[-1]["restarts/sampler"] >= 1
+
+
+def test_joint_training_keeps_each_tasks_rewards_and_advantages_apart(ray_local, tiny_config, tmp_path):
+    """Two tasks: each iteration trains 4 of each, scored only by the task's own reward."""
+    import yaml
+
+    path = tmp_path / "joint.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": {"source": "tiny"}, "sampling": {"num_steps": 6},
+        "tasks": [{"name": "bright", "prompts": {"items": ["a red circle"]},
+                   "rewards": [{"name": "brightness", "num_cpus": 0.25}], "batch_size": 4},
+                  {"name": "varied", "prompts": {"items": ["a dog", "a cat"]},
+                   "rewards": [{"name": "diversity", "num_cpus": 0.25}], "batch_size": 4,
+                   "images_per_prompt": 4, "advantage": "batch"}],
+        "sampler": {"num_cpus": 0.5}, "ray": {"num_cpus": 4}}))
+    config = tiny_config(f"run_dir={tmp_path / 'run'}", "iterations=3", path=str(path))
+    Trainer(config, progress=False).run()
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["samples"] for r in rows] == [8, 16, 24]
+    for key in ("reward/bright/mean", "reward/bright/brightness/mean", "reward/varied/mean",
+                "reward/varied/diversity/mean"):
+        assert all(np.isfinite(r[key]) for r in rows), key
+    assert not any("reward/bright/diversity/mean" in r or "reward/varied/brightness/mean" in r for r in rows)
+    # diversity is one reward per group of 4 (one group a task batch); brightness differs image to image
+    assert all(r["reward/varied/mean"] == r["reward/varied/diversity/mean"] for r in rows)

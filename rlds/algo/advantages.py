@@ -3,13 +3,16 @@
 - batch: (r - mean) / (std + 1e-7) over the whole global batch, all workers (the paper);
 - per_prompt: DDPO's running statistics per prompt, falling back to batch statistics until a
   prompt has been seen `min_count` times;
-- group: GRPO-style, normalised within each group of images that share a prompt in this batch.
+- group: GRPO-style, each reward minus the mean of its group (the images that share a prompt in this
+  batch), divided by the standard deviation of those differences over the batch. One scale for the
+  batch, not one per group: a group whose rewards almost tie (four failures that differ in the third
+  decimal) gets small advantages, not +-1 made of noise.
 All are clamped to +-clip. `task_ids` normalises each task's samples on their own (multi-task).
 """
 from __future__ import annotations
 
 from collections import defaultdict, deque
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -27,11 +30,11 @@ def batch_advantages(rewards: np.ndarray) -> np.ndarray:
 
 def group_advantages(rewards: np.ndarray, group_ids: np.ndarray) -> np.ndarray:
     rewards = np.asarray(rewards, dtype=np.float64)
-    out = np.zeros_like(rewards)
+    centred = np.zeros_like(rewards)
     for g in np.unique(group_ids):
         mask = group_ids == g
-        out[mask] = normalise(rewards[mask])
-    return out
+        centred[mask] = rewards[mask] - rewards[mask].mean()
+    return centred / (centred.std() + EPS)
 
 
 class PerPromptStatTracker:
@@ -62,21 +65,23 @@ class PerPromptStatTracker:
             self.buffers[int(k)].extend(v)
 
 
-def compute_advantages(rewards: np.ndarray, mode: str, clip: float, prompt_ids: np.ndarray,
+def compute_advantages(rewards: np.ndarray, mode: str | Sequence[str], clip: float, prompt_ids: np.ndarray,
                        group_ids: Optional[np.ndarray] = None, task_ids: Optional[np.ndarray] = None,
                        tracker: Optional[PerPromptStatTracker] = None) -> np.ndarray:
+    """Advantages of one global batch; `mode` is one for all, or one per task (indexed by task id)."""
     rewards = np.asarray(rewards, dtype=np.float64)
     if task_ids is None:
         task_ids = np.zeros(len(rewards), dtype=np.int64)
     out = np.zeros_like(rewards)
     for task in np.unique(task_ids):
         m = task_ids == task
-        if mode == "batch":
+        mode_t = mode if isinstance(mode, str) else mode[int(task)]
+        if mode_t == "batch":
             out[m] = batch_advantages(rewards[m])
-        elif mode == "group":
+        elif mode_t == "group":
             out[m] = group_advantages(rewards[m], group_ids[m])
-        elif mode == "per_prompt":
+        elif mode_t == "per_prompt":
             out[m] = tracker.update(prompt_ids[m], rewards[m])
         else:
-            raise ValueError(f"unknown advantage mode {mode!r}")
+            raise ValueError(f"unknown advantage mode {mode_t!r}")
     return np.clip(out, -clip, clip).astype(np.float32)

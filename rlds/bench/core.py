@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from rlds.config import Config, prompt_list
+from rlds.config import Config, prompt_list, task_list
 
 
 def _with(config: Config, **changes) -> Config:
@@ -39,16 +39,17 @@ def _publish_initial(config: Config, weights) -> None:
 def sampler_stage(config: Config, batches: int = 4) -> dict:
     """All sampler actors of the config, sampling with nothing downstream but the store."""
     from rlds.distributed.replay import ReplayStore
-    from rlds.distributed.sampler import SamplerActor
+    from rlds.distributed.sampler import SamplerActor, SamplerTask
     from rlds.distributed.weights import WeightStore
 
     n = config.sampler.num_workers
     per = config.sampler.batch_size
     weights = WeightStore.remote()
-    store = ReplayStore.remote(per, per * n * (batches + 1), 10**6, 60.0)
+    store = ReplayStore.remote([per], per * n * (batches + 1), 10**6, 60.0)
     _publish_initial(config, weights)
+    tasks = [SamplerTask(t.name, prompt_list(t), t.images_per_prompt) for t in task_list(config)[:1]]
     actors = [SamplerActor.options(num_cpus=config.sampler.num_cpus).remote(
-        i, config, prompt_list(config), store, weights, []) for i in range(n)]
+        i, config, tasks, store, weights) for i in range(n)]
     ray.get([a.run.remote(max_batches=1) for a in actors])  # warm-up
     start = time.perf_counter()
     ray.get([a.run.remote(max_batches=1 + batches) for a in actors])
@@ -62,18 +63,24 @@ def reward_stage(config: Config, calls_per_actor: int = 8) -> dict:
     """Each reward pool alone, fed sampler-sized batches of real images from the base model."""
     import torch
 
-    from rlds.distributed.reward import RewardPool
     from rlds.policy import load_policy, sample_trajectories
 
     torch.set_num_threads(config.torch_threads)
-    prompts = prompt_list(config)
-    per = config.sampler.batch_size
-    traj = sample_trajectories(load_policy(config.model), [prompts[i % len(prompts)] for i in range(per)],
-                               config.sampling, seeds=list(range(per)))
+    policy, per, out = load_policy(config.model), config.sampler.batch_size, {}
+    for task in task_list(config):
+        prompts, g = prompt_list(task), task.images_per_prompt
+        traj = sample_trajectories(policy, [prompts[i // g % len(prompts)] for i in range(per)],
+                                   config.sampling, seeds=list(range(per)))
+        out.update(_score_stage(task, traj, np.repeat(np.arange(per // g), g), calls_per_actor, config))
+    return out
+
+
+def _score_stage(task, traj, groups: np.ndarray, calls_per_actor: int, config: Config) -> dict:
+    from rlds.distributed.reward import RewardPool
+
+    per, out = len(traj.prompts), {}
     images = ray.put(traj.images)
-    groups = np.repeat(np.arange(per // config.sampler.images_per_prompt), config.sampler.images_per_prompt)
-    out = {}
-    for rc in config.rewards:
+    for rc in task.rewards:
         pool = RewardPool(rc, config.torch_threads)
         ray.get([pool.score(images, traj.prompts, groups, k) for k in range(len(pool.actors))])  # warm-up
         calls = calls_per_actor * len(pool.actors)
@@ -97,17 +104,18 @@ def learner_stage(config: Config, updates: int = 3) -> dict:
     torch.set_num_threads(config.torch_threads)
     policy = load_policy(config.model)
     per, total = config.sampler.batch_size, config.algo.batch_size
-    prompts = prompt_list(config)
+    prompts = prompt_list(task_list(config)[0])
     refs = [[ray.put(sample_trajectories(policy, [prompts[(b * per + i) % len(prompts)] for i in range(per)],
                                          config.sampling, seeds=list(range(b * per, (b + 1) * per))))]
             for b in range(total // per)]
     advantages = np.random.default_rng(0).standard_normal(total).astype(np.float32)
     weights = WeightStore.remote()
     group = LearnerGroup(config, weights)
-    ray.get(group.update(refs, advantages, [per] * len(refs), 0))  # warm-up
+    tasks = [0] * len(refs)
+    ray.get(group.update(refs, advantages, tasks, 0))  # warm-up
     start = time.perf_counter()
     for it in range(1, 1 + updates):
-        ray.get(group.update(refs, advantages, [per] * len(refs), it))
+        ray.get(group.update(refs, advantages, tasks, it))
     elapsed = time.perf_counter() - start
     group.shutdown()
     ray.kill(weights)
@@ -142,8 +150,9 @@ def plain_process(config: Config, iterations: int = 8, warmup: int = 2) -> dict:
     torch.set_num_threads(config.torch_threads)
     policy = load_policy(config.model)
     opt = make_optimizer([p for p in policy.unet.parameters() if p.requires_grad], config.algo)
-    rewards = [(build_reward(r.name, r.args), r.weight) for r in config.rewards]
-    prompts = prompt_list(config)
+    task = task_list(config)[0]
+    rewards = [(build_reward(r.name, r.args), r.weight) for r in task.rewards]
+    prompts = prompt_list(task)
     per, total = config.sampler.batch_size, config.algo.batch_size
     rng = np.random.default_rng(config.seed)
     times = []

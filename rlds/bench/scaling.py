@@ -30,7 +30,7 @@ import ray
 
 from rlds.config import Config, SamplerConfig
 from rlds.distributed.replay import ReplayStore, next_batch
-from rlds.distributed.sampler import SamplerLoop
+from rlds.distributed.sampler import SamplerLoop, SamplerTask
 from rlds.policy.sampling import Trajectory
 from rlds.distributed.reward import RewardPool
 from rlds.distributed.weights import WeightStore
@@ -82,7 +82,7 @@ class ModelledSampler(SamplerLoop):
     def __init__(self, index: int, batch_size: int, sample_cost_s: float, latent_shape: Sequence[int],
                  num_steps: int):
         config = Config(sampler=SamplerConfig(batch_size=batch_size), seed=0)
-        super().__init__(index, config, [f"prompt {i}" for i in range(1000)], None, None, [])
+        super().__init__(index, config, [], None, None)  # the trial attaches the store and the task
         self.sample_cost_s, self.latent_shape, self.num_steps = sample_cost_s, tuple(latent_shape), num_steps
 
     def load_weights(self, flat: np.ndarray) -> None:
@@ -130,7 +130,7 @@ class ModelledLearner:
 # ---------------------------------------------------------------------- one trial
 
 
-def _trial(samplers: list, pools: list, n: int, batch_size: int, global_batch: int, warmup: int,
+def _trial(samplers: list, tasks: list, n: int, batch_size: int, global_batch: int, warmup: int,
            iterations: int, max_staleness: int, update_cost_s: float, weight_values: int,
            timeout_s: float, epoch: int) -> dict:
     import psutil
@@ -139,7 +139,7 @@ def _trial(samplers: list, pools: list, n: int, batch_size: int, global_batch: i
 
     capacity = (max_staleness + 1) * global_batch  # the trainer's default
     head = {"resources": {HEAD_RESOURCE: 1}}
-    store = ReplayStore.options(**head).remote(global_batch, capacity, max_staleness, timeout_s)
+    store = ReplayStore.options(**head).remote([global_batch], capacity, max_staleness, timeout_s)
     weights = WeightStore.options(**head).remote()
     learner = ModelledLearner.options(**head).remote(weights, update_cost_s, weight_values)
     loops = []
@@ -147,14 +147,14 @@ def _trial(samplers: list, pools: list, n: int, batch_size: int, global_batch: i
         ray.get(learner.publish.remote(0), timeout=timeout_s)
         psutil.cpu_percent(None)
         start = time.perf_counter()
-        ray.get([s.attach.remote(store, weights, pools, epoch) for s in samplers[:n]], timeout=timeout_s)
+        ray.get([s.attach.remote(store, weights, tasks, epoch) for s in samplers[:n]], timeout=timeout_s)
         loops = [s.run.remote() for s in samplers[:n]]
         done_at, lags, update_s, wait_s = [], [], [], []
         for it in range(warmup + iterations):
             t0 = time.perf_counter()
             batch = next_batch(store, it, timeout_s)
             wait_s.append(time.perf_counter() - t0)
-            rewards = sum(batch["scores"].values())
+            rewards = np.concatenate([sum(s.values()) for s in batch["scores"]])
             adv = compute_advantages(rewards, "batch", 10.0, batch["prompt_ids"], batch["group_ids"])
             sizes = np.cumsum([0] + [batch_size] * len(batch["traj_refs"]))
             advs = [adv[sizes[i]:sizes[i + 1]] for i in range(len(batch["traj_refs"]))]
@@ -260,7 +260,8 @@ def run_scaling(sampler_counts: Sequence[int] = (1, 2, 4, 8, 16), nodes: int = 4
         result["cluster_start_s"] = round(time.perf_counter() - t0, 2)
 
         t0 = time.perf_counter()
-        pools = [ModelledRewardPool("modelled", reward_actors, reward_cost_s)]
+        tasks = [SamplerTask("modelled", [f"prompt {i}" for i in range(1000)],
+                             pools=[ModelledRewardPool("modelled", reward_actors, reward_cost_s)])]
         samplers = [ModelledSampler.options(resources={NODE_RESOURCE: 1, f"{NODE_RESOURCE}_{i % nodes}": 1})
                     .remote(i, batch_size, sample_cost_s, latent_shape, num_steps)
                     for i in range(counts[-1])]
@@ -276,7 +277,7 @@ def run_scaling(sampler_counts: Sequence[int] = (1, 2, 4, 8, 16), nodes: int = 4
             if trials and elapsed + estimate > time_budget_s:
                 notes.append(f"skipped {n}+ samplers: {elapsed:.0f} s of the {time_budget_s:.0f} s budget spent")
                 break
-            trials.append(_trial(samplers, pools, n, batch_size, n * batch_size, warmup, iterations,
+            trials.append(_trial(samplers, tasks, n, batch_size, n * batch_size, warmup, iterations,
                                  max_staleness, update_cost_s, weight_values, timeout_s, epoch))
         saturated = [t["samplers"] for t in trials if t["cpu_percent"] >= 90]
         if saturated:

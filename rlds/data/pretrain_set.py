@@ -82,6 +82,27 @@ def write_pretrain_set(path: str | Path, n: int, seed: int = 0, bias: float = 0.
     return path
 
 
+# `algo.pretrain_data: shapes`: the L_pre set of ShapesWorld runs. Only captions that name their colours:
+# the colour-free ones carry the pretraining bias (85% red) that the fairness task removes, and an
+# L_pre step on them would train the bias straight back in.
+SHAPES_REGULARISER = {"n": 16384, "seed": 1, "kind_weights": {"single": 0.5, "relation": 0.5}}
+
+
+def shapes_regulariser_set(cache_dir: Optional[str | Path] = None) -> Path:
+    """The ShapesWorld L_pre set, written on first use (~10 s) to the cache, and reused after.
+
+    Every process that needs it may call this: the content is fixed, and the file appears atomically."""
+    import os
+
+    folder = Path(cache_dir or os.environ.get("RLDS_CACHE", Path.home() / ".cache" / "rlds"))
+    path = folder / "shapes_regulariser.parquet"
+    if not path.is_file():
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        write_pretrain_set(tmp, **SHAPES_REGULARISER)
+        os.replace(tmp, path)
+    return path
+
+
 def decode_image(data: bytes, resolution: int) -> np.ndarray:
     img = Image.open(io.BytesIO(data)).convert("RGB")
     if img.size != (resolution, resolution):  # a real set: centre crop to a square, then resize

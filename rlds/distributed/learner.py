@@ -1,7 +1,8 @@
 """LearnerGroup: N learner actors in one torch.distributed group, DDP over the trainable weights.
 
-The driver computes advantages once over the global batch; each rank gets an equal share of the
-sampler batches, runs the K-step update, and rank 0 publishes the new weights with a version.
+The driver computes advantages once over the global batch; each rank gets an equal share of each
+task's sampler batches, runs the K-step update of each task in turn (then the L_pre step), and rank 0
+publishes the new weights with a version.
 """
 from __future__ import annotations
 
@@ -60,10 +61,11 @@ class LearnerActor:
         algo = self.config.algo
         self.pretrain_batches = None
         if algo.pretrain_beta > 0:
-            from rlds.data.pretrain_set import PretrainSet
+            from rlds.data.pretrain_set import PretrainSet, shapes_regulariser_set
 
             factor = 2 ** (len(self.policy.vae.config.block_out_channels) - 1) if self.policy.vae else 1
-            data = PretrainSet(algo.pretrain_data, resolution=self.policy.unet.config.sample_size * factor)
+            path = shapes_regulariser_set() if algo.pretrain_data == "shapes" else algo.pretrain_data
+            data = PretrainSet(path, resolution=self.policy.unet.config.sample_size * factor)
             self.pretrain_batches = data.stream(algo.pretrain_batch_size, seed=self.config.seed * 1000 + self.rank)
             self.pretrain_generator = torch.Generator(self.device).manual_seed(self.config.seed * 1000 + self.rank)
         return sum(p.numel() for p in self.params)
@@ -89,7 +91,7 @@ class LearnerActor:
         self.publish_hist.observe(elapsed)
         return elapsed
 
-    def update(self, wrapped_refs: list, advantages: list, iteration: int) -> dict:
+    def update(self, wrapped_refs: list, advantages: list, tasks: list[int], iteration: int) -> dict:
         from dataclasses import replace
 
         from rlds.algo import lr_factor, ppo_update
@@ -114,9 +116,14 @@ class LearnerActor:
             group["lr"] = cfg.learning_rate * lr_factor(cfg, iteration, self.config.iterations)
         rng = np.random.default_rng([self.config.seed, iteration, self.rank])
         train_policy = replace(self.policy, unet=self.ddp)
-        stats = ppo_update(train_policy, trajectories, advantages, self.optimizer, cfg, rng,
-                           no_sync=self.ddp.no_sync, dtype=self.dtype)
-        stats.pop("steps")
+        per_task = []
+        for task in sorted(set(tasks)):  # the paper's joint training: each task's clipped steps in turn
+            mine = [i for i, t in enumerate(tasks) if t == task]
+            per_task.append(ppo_update(train_policy, [trajectories[i] for i in mine], [advantages[i] for i in mine],
+                                       self.optimizer, cfg, rng, no_sync=self.ddp.no_sync, dtype=self.dtype))
+        stats = {k: float(np.mean([s[k] for s in per_task])) for k in per_task[0] if k != "steps"}
+        stats["ratio/min"] = min(s["ratio/min"] for s in per_task)
+        stats["ratio/max"] = max(s["ratio/max"] for s in per_task)
         if self.pretrain_batches is not None:  # L_pre, its own step after the RL steps
             from rlds.algo.regularizers import pretrain_step
 
@@ -161,17 +168,21 @@ class LearnerGroup:
         counts = ray.get([a.setup.remote(master, lc.backend) for a in self.actors], timeout=timeout)
         self.num_trainable = counts[0]
 
-    def update(self, traj_refs: list, advantages: np.ndarray, batch_sizes: list[int],
+    def update(self, traj_refs: list, advantages: np.ndarray, tasks: list[int],
                iteration: int) -> list[ray.ObjectRef]:
-        """Split the global batch's sampler batches evenly over the ranks; returns the calls."""
-        offsets = np.cumsum([0] + batch_sizes)
-        per_rank = len(traj_refs) // self.size
-        calls = []
-        for rank, actor in enumerate(self.actors):
-            lo, hi = rank * per_rank, (rank + 1) * per_rank
-            advs = [advantages[offsets[i]:offsets[i + 1]] for i in range(lo, hi)]
-            calls.append(actor.update.remote(traj_refs[lo:hi], advs, iteration))
-        return calls
+        """Split each task's sampler batches evenly over the ranks; returns the calls.
+
+        `advantages` is per trajectory, sampler batch after sampler batch; `tasks` per sampler batch."""
+        n = len(advantages) // len(traj_refs)
+        shares: list[list[int]] = [[] for _ in self.actors]
+        for task in sorted(set(tasks)):
+            mine = [i for i, t in enumerate(tasks) if t == task]
+            per_rank = len(mine) // self.size
+            for rank in range(self.size):
+                shares[rank] += mine[rank * per_rank:(rank + 1) * per_rank]
+        return [actor.update.remote([traj_refs[i] for i in share], [advantages[i * n:(i + 1) * n] for i in share],
+                                    [tasks[i] for i in share], iteration)
+                for actor, share in zip(self.actors, shares)]
 
     def publish(self, version: int) -> None:
         ray.get(self.actors[0].publish.remote(version))

@@ -4,6 +4,10 @@ Samplers reserve room for a batch before they sample it. A reservation is grante
 store has room (backpressure) and the batch will be trained while the sampler's weights are at most
 `max_staleness` versions old. With `max_staleness: 0` this is the paper's synchronous loop: the
 samplers fill exactly one batch with the current weights, then wait for the next version.
+
+A batch holds a fixed number of trajectories of each task (`task_sizes`; one task for most runs). A
+reservation is for one task: the one furthest behind its share that still has room, which the store
+names in its answer, so samplers serve every task without being assigned one.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ DROP_REASONS = ("stale", "reward_failed", "reward_timeout", "nan_reward", "sampl
 class Entry:
     """One sampler batch: the trajectory reference, its scores and what the learner needs to know."""
     sampler: str  # the actor id of the sampler that made (and owns) it
+    task: int
     traj_ref: ray.ObjectRef
     version: int
     prompt_ids: np.ndarray
@@ -39,15 +44,17 @@ class Entry:
 
 @ray.remote(num_cpus=0)
 class ReplayStore:
-    def __init__(self, batch_size: int, capacity: int, max_staleness: int, reward_timeout_s: float):
+    def __init__(self, task_sizes: list[int], capacity: int, max_staleness: int, reward_timeout_s: float):
         from ray.util import metrics
 
-        self.batch_size, self.capacity = batch_size, capacity
+        self.sizes, self.batch_size = list(task_sizes), sum(task_sizes)
+        # each task's room is its share of the capacity
+        self.capacities = [max(n, capacity * n // self.batch_size) for n in self.sizes]
         self.max_staleness, self.reward_timeout_s = max_staleness, reward_timeout_s
         self.learner_version = 0
-        self.consumed = 0  # samples handed to the learner so far
-        self.reserved: Counter = Counter()  # sampler -> samples promised
-        self.pending = 0  # samples waiting for their scores
+        self.consumed = [0] * len(self.sizes)  # samples of each task handed to the learner so far
+        self.reserved: Counter = Counter()  # (sampler, task) -> samples promised
+        self.pending = [0] * len(self.sizes)  # samples waiting for their scores
         self.dead: set[str] = set()  # samplers whose objects are gone
         self.ready: list[Entry] = []
         self.drops: Counter = Counter()  # reason -> samples
@@ -65,47 +72,56 @@ class ReplayStore:
 
     # ----------------------------------------------------------- samplers
 
-    def in_flight(self) -> int:
-        return sum(self.reserved.values()) + self.pending + sum(len(e) for e in self.ready)
+    def in_flight(self, task: Optional[int] = None) -> int:
+        tasks = range(len(self.sizes)) if task is None else [task]
+        return sum(sum(v for (_, t), v in self.reserved.items() if t == k) + self.pending[k]
+                   + sum(len(e) for e in self.ready if e.task == k) for k in tasks)
 
-    async def reserve(self, sampler: str, n: int, version: int, wait_s: float = 0.0) -> tuple[str, int]:
-        """('ok' | 'wait' | 'stop', newest weights version), after waiting up to `wait_s` for room.
+    async def reserve(self, sampler: str, n: int, version: int, wait_s: float = 0.0) -> tuple[str, int, int]:
+        """('ok' | 'wait' | 'stop', task, newest weights version), after waiting up to `wait_s` for room.
 
-        'ok': sample n now; 'wait': full, or the batch would be too stale when trained. The version
-        lets a sampler see newer weights without asking the WeightStore every batch. Waiting here,
-        woken by the changes that matter, costs a sampler one call where polling would cost hundreds.
+        'ok': sample n trajectories of `task` now; 'wait': full, or the batch would be too stale when
+        trained. The version lets a sampler see newer weights without asking the WeightStore every
+        batch. Waiting here, woken by the changes that matter, costs one call where polling costs hundreds.
         """
         deadline = time.monotonic() + wait_s
         async with self.changed:
             while True:
-                status = self._try_reserve(sampler, n, version)
+                status, task = self._try_reserve(sampler, n, version)
                 left = deadline - time.monotonic()
                 if status != "wait" or self.learner_version > version or left <= 0:
-                    return status, self.learner_version
+                    return status, task, self.learner_version
                 try:
                     await asyncio.wait_for(self.changed.wait(), left)
                 except asyncio.TimeoutError:
                     pass
 
-    def _try_reserve(self, sampler: str, n: int, version: int) -> str:
+    def _try_reserve(self, sampler: str, n: int, version: int) -> tuple[str, int]:
         if self.closed:
-            return "stop"
-        in_flight = self.in_flight()
-        if in_flight + n > self.capacity:
-            return "wait"
-        trained_at = (self.consumed + in_flight) // self.batch_size  # the iteration that takes it
-        if trained_at - version > self.max_staleness:
-            return "wait"
-        self.reserved[sampler] += n
+            return "stop", -1
+        best, best_progress = -1, None
+        for task, size in enumerate(self.sizes):
+            in_flight = self.in_flight(task)
+            if in_flight + n > self.capacities[task]:
+                continue
+            trained_at = (self.consumed[task] + in_flight) // size  # the iteration that takes it
+            if trained_at - version > self.max_staleness:
+                continue
+            progress = (self.consumed[task] + in_flight) / size
+            if best_progress is None or progress < best_progress:
+                best, best_progress = task, progress
+        if best < 0:
+            return "wait", -1
+        self.reserved[sampler, best] += n
         self._gauge()
-        return "ok"
+        return "ok", best
 
-    async def add(self, sampler: str, wrapped_traj: list, wrapped_scores: dict, version: int,
-            prompt_ids: np.ndarray, group_ids: np.ndarray) -> None:
-        entry = Entry(sampler, wrapped_traj[0], version, prompt_ids, group_ids)
+    async def add(self, sampler: str, task: int, wrapped_traj: list, wrapped_scores: dict, version: int,
+                  prompt_ids: np.ndarray, group_ids: np.ndarray) -> None:
+        entry = Entry(sampler, task, wrapped_traj[0], version, prompt_ids, group_ids)
         n = len(entry)
-        self.reserved[sampler] = max(0, self.reserved[sampler] - n)
-        self.pending += n
+        self.reserved[sampler, task] = max(0, self.reserved[sampler, task] - n)
+        self.pending[task] += n
         self.added += n
         task = asyncio.create_task(self._await_scores(entry, wrapped_scores))
         self.tasks.add(task)
@@ -125,7 +141,7 @@ class ReplayStore:
         except Exception:  # a reward actor raised or died: counted, never silently lost
             reason = "reward_failed"
         async with self.changed:
-            self.pending -= len(entry)
+            self.pending[entry.task] -= len(entry)
             if reason is None and entry.sampler in self.dead:
                 reason = "sampler_died"
             if reason is None:
@@ -141,7 +157,7 @@ class ReplayStore:
         async with self.changed:
             self.changed.notify_all()
         self.dead.add(sampler)
-        n = self.reserved.pop(sampler, 0)
+        n = sum(self.reserved.pop((sampler, task), 0) for task in range(len(self.sizes)))
         lost = [e for e in self.ready if e.sampler == sampler]
         self.ready = [e for e in self.ready if e.sampler != sampler]
         n += sum(len(e) for e in lost)
@@ -156,10 +172,11 @@ class ReplayStore:
             self.learner_version = max(self.learner_version, version)
             self.changed.notify_all()
 
-    async def batch_lost(self, n: int) -> None:
+    async def batch_lost(self) -> None:
         """A handed-out batch could not be trained (its sampler died): count it, and refill it."""
-        self.consumed -= n
-        self._drop("lost_in_flight", n)
+        for task, size in enumerate(self.sizes):
+            self.consumed[task] -= size
+        self._drop("lost_in_flight", self.batch_size)
         async with self.changed:
             self.changed.notify_all()
 
@@ -176,7 +193,8 @@ class ReplayStore:
         async with self.changed:
             while True:
                 self._drop_stale()
-                if sum(len(e) for e in self.ready) >= self.batch_size:
+                if all(sum(len(e) for e in self.ready if e.task == task) >= size
+                       for task, size in enumerate(self.sizes)):
                     break
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -185,13 +203,16 @@ class ReplayStore:
                     await asyncio.wait_for(self.changed.wait(), left)
                 except asyncio.TimeoutError:
                     return None
-            self.ready.sort(key=lambda e: (e.version, e.created))
-            batch, taken = [], 0
-            while taken < self.batch_size:
-                entry = self.ready.pop(0)
-                batch.append(entry)
-                taken += len(entry)
-            self.consumed += taken
+            self.ready.sort(key=lambda e: (e.task, e.version, e.created))  # task by task, oldest first
+            batch = []
+            for task, size in enumerate(self.sizes):
+                taken = 0
+                while taken < size:
+                    entry = next(e for e in self.ready if e.task == task)
+                    self.ready.remove(entry)
+                    batch.append(entry)
+                    taken += len(entry)
+                self.consumed[task] += taken
             lags = [learner_version - e.version for e in batch]
             for lag in lags:
                 self.lag_hist.observe(lag)
@@ -199,7 +220,8 @@ class ReplayStore:
             self.changed.notify_all()  # room, and a newer version, for waiting samplers
             return {
                 "traj_refs": [[e.traj_ref] for e in batch],
-                "scores": {k: np.concatenate([e.scores[k] for e in batch]) for k in batch[0].scores},
+                "tasks": [e.task for e in batch],
+                "scores": [e.scores for e in batch],  # per sampler batch: each task has its own rewards
                 "prompt_ids": np.concatenate([e.prompt_ids for e in batch]),
                 "group_ids": np.concatenate([e.group_ids for e in batch]),
                 "versions": [e.version for e in batch],
@@ -225,7 +247,7 @@ class ReplayStore:
     # ----------------------------------------------------------- control
 
     def stats(self) -> dict:
-        return {"added": self.added, "consumed": self.consumed, "depth": self.in_flight(),
+        return {"added": self.added, "consumed": sum(self.consumed), "depth": self.in_flight(),
                 "drops": {reason: self.drops[reason] for reason in DROP_REASONS}}
 
     async def close(self) -> None:
@@ -233,9 +255,10 @@ class ReplayStore:
         async with self.changed:
             self.changed.notify_all()
 
-    def restart_from(self, learner_version: int, consumed: int) -> None:
+    def restart_from(self, iteration: int) -> None:
         """Continue the version/position count of a resumed run."""
-        self.learner_version, self.consumed = learner_version, consumed
+        self.learner_version = iteration
+        self.consumed = [iteration * size for size in self.sizes]
 
 
 def next_batch(store, iteration: int, timeout_s: float, on_wait: Optional[Callable[[], None]] = None) -> dict:

@@ -1,14 +1,15 @@
 """SamplerActor: turns prompts into trajectories in its own loop, with the newest weights it can get.
 
 Each pass: pull newer weights when the store says there are some (between batches only, so one
-version makes a whole trajectory), reserve room in the ReplayStore (wait while it says so), sample,
-put the trajectory and its images in the object store, send the images to every reward pool, and
-hand the references to the store. This actor owns what it put: if it dies, the store drops its
+version makes a whole trajectory), reserve room in the ReplayStore (wait while it says so; it names
+the task to sample), sample that task's prompts, put the trajectory and its images in the object
+store, send the images to the task's reward pools, and hand the references to the store. This actor owns what it put: if it dies, the store drops its
 entries (counted) and the other samplers refill them.
 """
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import ray
@@ -16,18 +17,28 @@ import ray
 from rlds.config import Config
 
 
+@dataclass
+class SamplerTask:
+    """What a sampler needs of one task: its prompts, group size and reward pools."""
+    name: str
+    prompts: list[str]
+    images_per_prompt: int = 1
+    pools: list = field(default_factory=list)
+    first_prompt_id: int = 0  # prompt ids run over all tasks' prompts (per-prompt statistics)
+
+
 class SamplerLoop:
     """The loop, apart from how a batch is made (`make_trajectory`) and weights are loaded."""
 
     wait_s = 0.5  # the longest one reserve call waits in the store for room
 
-    def __init__(self, index: int, config: Config, prompts: list[str], store, weight_store,
-                 reward_pools: list, epoch: int = 0, incarnation: int = 0):
+    def __init__(self, index: int, config: Config, tasks: list[SamplerTask], store, weight_store,
+                 epoch: int = 0, incarnation: int = 0):
         from ray.util import metrics
 
         # incarnation: a restarted sampler must not redraw its predecessor's prompts and seeds
-        self.index, self.config, self.prompts, self.incarnation = index, config, prompts, incarnation
-        self.attach(store, weight_store, reward_pools, epoch)
+        self.index, self.config, self.incarnation = index, config, incarnation
+        self.attach(store, weight_store, tasks, epoch)
         self.actor_id = ray.get_runtime_context().get_actor_id()
         tags = {"sampler": str(index)}
         self.samples_counter = metrics.Counter("rlds_samples", "Trajectories sampled", tag_keys=("sampler",))
@@ -40,9 +51,9 @@ class SamplerLoop:
         for m in (self.samples_counter, self.sample_hist, self.sync_hist, self.idle_gauge):
             m.set_default_tags(tags)
 
-    def attach(self, store, weight_store, reward_pools: list, epoch: int = 0) -> None:
+    def attach(self, store, weight_store, tasks: list[SamplerTask], epoch: int = 0) -> None:
         """Point the loop at a (new) store: a fresh run, counters from zero, weights pulled anew."""
-        self.store, self.weight_store, self.reward_pools, self.epoch = store, weight_store, reward_pools, epoch
+        self.store, self.weight_store, self.tasks, self.epoch = store, weight_store, tasks, epoch
         self.version, self.batches = -1, 0
         self.time_idle = self.time_busy = self.time_sync = 0.0
 
@@ -71,13 +82,13 @@ class SamplerLoop:
     def run(self, max_batches: int | None = None) -> dict:
         """Sample until the store says stop (or `max_batches` in all); returns this sampler's counts."""
         cfg = self.config
-        n, g = cfg.sampler.batch_size, cfg.sampler.images_per_prompt
+        n = cfg.sampler.batch_size
         newest = 0  # the newest weights version the store has told us about
         while max_batches is None or self.batches < max_batches:
             wait_start = time.perf_counter()
             if newest > self.version or self.version < 0:
                 self.pull_weights()
-            status, newest = ray.get(self.store.reserve.remote(self.actor_id, n, self.version, self.wait_s))
+            status, t, newest = ray.get(self.store.reserve.remote(self.actor_id, n, self.version, self.wait_s))
             if status == "stop":
                 break
             if status == "wait":
@@ -87,19 +98,22 @@ class SamplerLoop:
                 continue
             self.time_idle += time.perf_counter() - wait_start
             start = time.perf_counter()
+            task = self.tasks[t]
+            g = task.images_per_prompt
             rng = np.random.default_rng([cfg.seed, self.epoch, self.incarnation, self.index, self.batches])
-            prompt_ids = np.repeat(rng.integers(len(self.prompts), size=n // g), g)
+            local_ids = np.repeat(rng.integers(len(task.prompts), size=n // g), g)
             stream = (self.epoch * 64 + self.incarnation % 64) * 4096 + self.index % 4096
             group_base = (stream << 24) + (self.batches * n) % (1 << 24)  # unique ids in a run
             group_ids = group_base + np.repeat(np.arange(n // g), g)
             seeds = rng.integers(2**62, size=n)  # one per chain: any sample can be redrawn alone
-            traj = self.make_trajectory([self.prompts[i] for i in prompt_ids], prompt_ids, seeds,
+            prompt_ids = task.first_prompt_id + local_ids
+            traj = self.make_trajectory([task.prompts[i] for i in local_ids], prompt_ids, seeds,
                                         group_base + np.arange(n))
             traj_ref = ray.put(traj)
             images_ref = ray.put(traj.images)
             scores = {pool.name: [pool.score(images_ref, traj.prompts, group_ids, self.batches + self.index)]
-                      for pool in self.reward_pools}
-            self.store.add.remote(self.actor_id, [traj_ref], scores, self.version, prompt_ids, group_ids)
+                      for pool in task.pools}
+            self.store.add.remote(self.actor_id, t, [traj_ref], scores, self.version, prompt_ids, group_ids)
             self.batches += 1
             elapsed = time.perf_counter() - start
             self.time_busy += elapsed
@@ -114,15 +128,15 @@ class SamplerLoop:
 class SamplerActor(SamplerLoop):
     """A sampler holding the policy: text encoder, UNet, scheduler, VAE where there is one."""
 
-    def __init__(self, index: int, config: Config, prompts: list[str], store, weight_store,
-                 reward_pools: list, epoch: int = 0, incarnation: int = 0, device: str = "cpu"):
+    def __init__(self, index: int, config: Config, tasks: list[SamplerTask], store, weight_store,
+                 epoch: int = 0, incarnation: int = 0, device: str = "cpu"):
         import torch
 
         from rlds.policy import load_policy
         from rlds.policy.pipeline import DTYPES
 
         torch.set_num_threads(config.torch_threads)
-        super().__init__(index, config, prompts, store, weight_store, reward_pools, epoch, incarnation)
+        super().__init__(index, config, tasks, store, weight_store, epoch, incarnation)
         if device == "cpu" and ray.get_gpu_ids():
             device = "cuda"
         self.policy = load_policy(config.model, device)
