@@ -40,9 +40,10 @@ def cmd_train(args) -> int:
     run_dir = Trainer(config, progress=not args.no_progress).run()
     print(f"run folder: {run_dir}")
     if config.evaluate:
+        from rlds.checkpoint import latest_checkpoint
         from rlds.eval import evaluate, format_table
 
-        checkpoint = run_dir / "checkpoints" / f"iter_{config.iterations:06d}"
+        checkpoint = latest_checkpoint(run_dir)  # the trainer always checkpoints the last iteration
         results = evaluate(config, run_dir / "eval", str(checkpoint), progress=not args.no_progress)
         print(format_table(results))
         print(f"wrote {run_dir / 'eval'}/eval.json and report.md")
@@ -71,9 +72,9 @@ def cmd_eval(args) -> int:
     results = evaluate(config, out, args.checkpoint, args.seed, args.composition_prompts, args.group_size)
     if args.model_card:
         from rlds.eval import write_model_card
-        from rlds.policy.pipeline import SHIPPED_MODELS
+        from rlds.policy.pipeline import model_location
 
-        folder = Path(SHIPPED_MODELS.get(config.model.source, config.model.source))
+        folder = Path(model_location(config.model.source))
         write_model_card(folder, results, "rlds eval " + " ".join(sys.argv[2:]))
     print(format_table(results))
     print(f"wrote {out}/eval.json and {out}/report.md")

@@ -366,8 +366,10 @@ def _check_task(t: TaskConfig, key: str, c: Config, fail) -> None:
     if len(given) != 1:
         fail(f"{key}prompts", f"give one of {key}prompts.items (a list), {key}prompts.file (one prompt a "
              f"line) or {key}prompts.shapes (composition, fairness or quality); got {given or 'none'}")
-    if p.shapes and p.shapes not in ("composition", "fairness", "quality"):
-        fail(f"{key}prompts.shapes", f"{p.shapes!r} is not one of composition, fairness, quality")
+    from rlds.data.shapes import TASKS
+
+    if p.shapes and p.shapes not in TASKS:
+        fail(f"{key}prompts.shapes", f"{p.shapes!r} is not one of {', '.join(TASKS)}")
     if p.file and not Path(p.file).is_file():
         fail(f"{key}prompts.file", f"file not found: {p.file}")
     s = c.sampler
@@ -382,7 +384,7 @@ def _check_task(t: TaskConfig, key: str, c: Config, fail) -> None:
         fail("learner.num_workers", f"the {chunks} sampler batches of {size_key} ({size_key} / "
              f"sampler.batch_size) must split evenly over {c.learner.num_workers} learners")
     advantage_key = f"{key}advantage" if key and t.advantage else "algo.advantage"
-    advantage = t.advantage or c.algo.advantage
+    advantage = t.advantage or c.algo.advantage  # task_list resolves it the same way
     if advantage not in ADVANTAGES:
         fail(advantage_key, f"{advantage!r} is not one of {', '.join(ADVANTAGES)}")
     if advantage == "group" and t.images_per_prompt < 2:
@@ -394,9 +396,10 @@ def _check_task(t: TaskConfig, key: str, c: Config, fail) -> None:
 
 
 def task_list(c: Config) -> list[TaskConfig]:
-    """The run's tasks: `tasks`, or the one task the top-level prompts and rewards make."""
+    """The run's tasks: `tasks`, or the one task the top-level prompts and rewards make; each with its
+    advantage mode resolved (a task without one uses algo.advantage)."""
     if c.tasks:
-        return c.tasks
+        return [dataclasses.replace(t, advantage=t.advantage or c.algo.advantage) for t in c.tasks]
     return [TaskConfig(name=c.name, prompts=c.prompts, rewards=c.rewards, batch_size=c.algo.batch_size,
                        images_per_prompt=c.sampler.images_per_prompt, advantage=c.algo.advantage)]
 

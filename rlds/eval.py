@@ -115,12 +115,12 @@ def _base_cache_path(config: Config, args: tuple) -> Optional[Path]:
     the sampling settings and the evaluation's arguments; None for a hub model (nothing to key on)."""
     import dataclasses
     import hashlib
-    import os
 
-    from rlds.policy.pipeline import SHIPPED_MODELS
+    from rlds.data.pretrain_set import cache_dir
+    from rlds.policy.pipeline import model_location
 
     source = config.model.source
-    folder = Path(SHIPPED_MODELS.get(source, source))
+    folder = Path(model_location(source))
     if source != "tiny" and not folder.is_dir():
         return None
     files = sorted((str(f.relative_to(folder)), f.stat().st_size, f.stat().st_mtime_ns)
@@ -128,8 +128,7 @@ def _base_cache_path(config: Config, args: tuple) -> Optional[Path]:
     key = json.dumps([EVAL_VERSION, dataclasses.asdict(config.model), str(folder), files,
                       dataclasses.asdict(config.sampling), list(args)], sort_keys=True, default=str)
     digest = hashlib.sha256(key.encode()).hexdigest()[:20]
-    cache = Path(os.environ.get("RLDS_CACHE", Path.home() / ".cache" / "rlds"))
-    return cache / "eval" / f"base-{digest}"
+    return cache_dir() / "eval" / f"base-{digest}"
 
 
 def _read_base_cache(config: Config, args: tuple):
@@ -147,6 +146,7 @@ def _write_base_cache(config: Config, args: tuple, figures: dict, images: dict) 
     if path is None:
         return
     path.mkdir(parents=True, exist_ok=True)
+    # figures.json last: its presence means the entry is complete
     np.savez(path / "grids.npz", **{part: images[part][0][:GRID] for part in images})
     prompts = {part: list(images[part][1][:GRID]) for part in images}
     (path / "figures.json").write_text(json.dumps({"figures": figures, "prompts": prompts}))

@@ -131,8 +131,7 @@ class Trainer:
         c = self.config
         rewards = self._rewards(batch)
         task_ids = np.repeat(batch["tasks"], c.sampler.batch_size)
-        modes = [t.advantage or c.algo.advantage for t in self.tasks]
-        advantages = compute_advantages(rewards, modes, c.algo.advantage_clip,
+        advantages = compute_advantages(rewards, [t.advantage for t in self.tasks], c.algo.advantage_clip,
                                         batch["prompt_ids"], batch["group_ids"], task_ids, self.tracker)
         calls = self.learners.update(batch["traj_refs"], advantages, batch["tasks"], iteration)
         done, _ = ray.wait(calls, num_returns=len(calls), timeout=c.ray.actor_timeout_s)

@@ -88,14 +88,21 @@ def write_pretrain_set(path: str | Path, n: int, seed: int = 0, bias: float = 0.
 SHAPES_REGULARISER = {"n": 16384, "seed": 1, "kind_weights": {"single": 0.5, "relation": 0.5}}
 
 
-def shapes_regulariser_set(cache_dir: Optional[str | Path] = None) -> Path:
-    """The ShapesWorld L_pre set, written on first use (~10 s) to the cache, and reused after.
+def cache_dir() -> Path:
+    """Where rlds keeps what it can rebuild: $RLDS_CACHE, default ~/.cache/rlds."""
+    import os
+
+    return Path(os.environ.get("RLDS_CACHE", Path.home() / ".cache" / "rlds"))
+
+
+def shapes_regulariser_set() -> Path:
+    """The ShapesWorld L_pre set, written on first use (~14 s) to the cache, and reused after.
 
     Every process that needs it may call this: the content is fixed, and the file appears atomically."""
     import os
 
-    folder = Path(cache_dir or os.environ.get("RLDS_CACHE", Path.home() / ".cache" / "rlds"))
-    path = folder / "shapes_regulariser.parquet"
+    path = cache_dir() / "shapes_regulariser.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
     if not path.is_file():
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         write_pretrain_set(tmp, **SHAPES_REGULARISER)

@@ -61,7 +61,7 @@ class ReplayStore:
         self.added = 0
         self.closed = False
         self.ids = itertools.count()
-        self.tasks: set[asyncio.Task] = set()
+        self.jobs: set[asyncio.Task] = set()  # score joins in progress
         self.changed = asyncio.Condition()
         self.depth_gauge = metrics.Gauge("rlds_replay_depth", "Samples reserved, scoring or ready")
         self.drop_counter = metrics.Counter("rlds_drops", "Samples dropped, by reason", tag_keys=("reason",))
@@ -123,9 +123,9 @@ class ReplayStore:
         self.reserved[sampler, task] = max(0, self.reserved[sampler, task] - n)
         self.pending[task] += n
         self.added += n
-        task = asyncio.create_task(self._await_scores(entry, wrapped_scores))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        job = asyncio.create_task(self._await_scores(entry, wrapped_scores))
+        self.jobs.add(job)
+        job.add_done_callback(self.jobs.discard)
 
     async def _await_scores(self, entry: Entry, wrapped_scores: dict) -> None:
         reason = None

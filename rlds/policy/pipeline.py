@@ -121,14 +121,18 @@ def save_policy(policy: Policy, path: str | Path) -> None:
 SHIPPED_MODELS = {"shapes": Path(__file__).resolve().parent.parent / "models" / "shapes-base"}
 
 
+def model_location(source: str) -> str:
+    """A shipped model's folder, else `source` itself (a local folder or a hub id)."""
+    return str(SHIPPED_MODELS.get(source, source))
+
+
 def load_policy(model: ModelConfig, device: str | torch.device = "cpu") -> Policy:
     """The policy named by the config: `tiny`, a shipped model (`shapes`), a local diffusers folder,
     or a hub id."""
     if model.source == "tiny":
         policy = build_tiny_policy(model.tiny)
     else:
-        source = str(SHIPPED_MODELS.get(model.source, model.source))
-        policy = load_pretrained(source, model.revision, DTYPES[model.dtype])
+        policy = load_pretrained(model_location(model.source), model.revision, DTYPES[model.dtype])
     policy.unet.requires_grad_(False)
     policy.text_encoder.requires_grad_(False).eval()
     if policy.vae is not None:
