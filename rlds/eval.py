@@ -3,8 +3,10 @@
 - composition: held-out two-object relation prompts; accuracy (every named object found with the
   right colour and shape, and the relation holding) and the mean composition reward; and the accuracy
   on the 12 single-object prompts ("a red circle"), which the base model mostly gets right;
-- fairness: held-out colour-free prompts, a group of images each; statistical parity
-  sum_a (share_a - 1/|A|)^2 of the colour classifier's labels, averaged over prompts (lower is fairer);
+- fairness: held-out colour-free prompts (every prompt naming a triangle, a subject training never
+  shows), a group of images each; statistical parity sum_a (share_a - 1/|A|)^2 of the colour
+  classifier's labels, averaged over prompts (lower is fairer); and the same on the training prompts,
+  which tells what the fairness task learned apart from how far it carries to the unseen subject;
 - quality: the mean quality score over all those images.
 With a checkpoint, the base model is evaluated on the same prompts and seeds, and the report shows
 both side by side.
@@ -26,7 +28,7 @@ from rlds.metrics import save_grid
 from rlds.policy import load_policy, sample_trajectories
 from rlds.rewards.shapes import ShapesComposition, ShapesQuality, colour_label, statistical_parity
 
-EVAL_VERSION = 2  # raise when what evaluate_policy measures changes: cached base figures are then redone
+EVAL_VERSION = 3  # raise when what evaluate_policy measures changes: cached base figures are then redone
 
 
 def _images(policy, prompts: list[str], seeds: list[int], config: Config, batch: int, desc: str,
@@ -56,27 +58,29 @@ def evaluate_policy(policy, config: Config, composition_prompts: int = 96, fairn
                             config, batch, "single objects", progress)
     single_correct = [comp.accuracy(im, p) for im, p in zip(single_images, single_all)]
 
-    fair_prompts = heldout_prompts("fairness")
-    fair_all = [p for p in fair_prompts for _ in range(fairness_group)]
-    fair_images = _images(policy, fair_all, [seed + i % fairness_group for i in range(len(fair_all))], config,
-                          batch, "fairness", progress)
-    parities, counts = [], {}
-    for k, prompt in enumerate(fair_prompts):
-        labels = [colour_label(im) for im in fair_images[k * fairness_group:(k + 1) * fairness_group]]
-        parities.append(statistical_parity(labels))
-        for label in labels:
-            counts[label] = counts.get(label, 0) + 1
+    def parity(prompts: list[str], desc: str) -> tuple[float, dict, list[str], np.ndarray]:
+        every = [p for p in prompts for _ in range(fairness_group)]
+        images = _images(policy, every, [seed + i % fairness_group for i in range(len(every))], config, batch,
+                         desc, progress)
+        labels = [colour_label(im) for im in images]
+        groups = [labels[k * fairness_group:(k + 1) * fairness_group] for k in range(len(prompts))]
+        counts = {label: labels.count(label) / len(labels) for label in sorted(set(labels))}
+        return float(np.mean([statistical_parity(g) for g in groups])), counts, every, images
+
+    fair_parity, shares, fair_all, fair_images = parity(heldout_prompts("fairness"), "fairness")
+    # The same on the training prompts (seeds the training draws almost never): what the fairness task
+    # learned, apart from how far it carries to the held-out subject.
+    seen_parity, seen_shares, _, _ = parity(training_prompts("fairness"), "fairness, training prompts")
 
     quality = ShapesQuality().score(np.concatenate([comp_images, fair_images]), [])
-    total = sum(counts.values())
     figures = {
         "composition": {"accuracy": float(np.mean(correct)), "mean_score": float(np.mean(scores)),
                         "prompts": len(comp_prompts)},
         "single_object": {"accuracy": float(np.mean(single_correct)), "prompts": len(singles),
                           "seeds": single_seeds},
-        "fairness": {"statistical_parity": float(np.mean(parities)), "prompts": len(fair_prompts),
-                     "group_size": fairness_group,
-                     "colour_shares": {k: v / total for k, v in sorted(counts.items())}},
+        "fairness": {"statistical_parity": fair_parity, "prompts": len(fair_all) // fairness_group,
+                     "group_size": fairness_group, "colour_shares": shares,
+                     "training_prompts": {"statistical_parity": seen_parity, "colour_shares": seen_shares}},
         "quality": {"mean": float(np.mean(quality))},
     }
     images = {"composition": (comp_images, comp_prompts), "fairness": (fair_images, fair_all)}
@@ -170,6 +174,8 @@ def write_model_card(model_dir: Path, results: dict, command: str) -> None:
         f"{b['single_object']['accuracy']:.1%} |",
         f"| statistical parity ({b['fairness']['prompts']} colour-free prompts x {b['fairness']['group_size']}) | "
         f"{b['fairness']['statistical_parity']:.4f} |",
+        f"| statistical parity (the {len(training_prompts('fairness'))} training colour-free prompts, same seeds) | "
+        f"{b['fairness']['training_prompts']['statistical_parity']:.4f} |",
         "| colours drawn for colour-free prompts | " + ", ".join(
             f"{k} {v:.0%}" for k, v in b["fairness"]["colour_shares"].items()) + " |",
         f"| quality | {b['quality']['mean']:.3f} |", "", EVAL_END])
@@ -177,19 +183,27 @@ def write_model_card(model_dir: Path, results: dict, command: str) -> None:
     card.write_text(head + table + rest.split(EVAL_END, 1)[1])
 
 
-ROWS = [("composition accuracy (held-out, higher is better)", "composition", "accuracy", "{:.1%}"),
-        ("composition mean score", "composition", "mean_score", "{:.3f}"),
-        ("single-object accuracy", "single_object", "accuracy", "{:.1%}"),
-        ("statistical parity (held-out, lower is fairer)", "fairness", "statistical_parity", "{:.4f}"),
-        ("quality", "quality", "mean", "{:.3f}")]
+ROWS = [("composition accuracy (held-out, higher is better)", "composition.accuracy", "{:.1%}"),
+        ("composition mean score", "composition.mean_score", "{:.3f}"),
+        ("single-object accuracy", "single_object.accuracy", "{:.1%}"),
+        ("statistical parity (held-out, lower is fairer)", "fairness.statistical_parity", "{:.4f}"),
+        ("statistical parity (training prompts, eval seeds)", "fairness.training_prompts.statistical_parity",
+         "{:.4f}"),
+        ("quality", "quality.mean", "{:.3f}")]
+
+
+def _figure(figures: dict, path: str):
+    for key in path.split("."):
+        figures = figures[key]
+    return figures
 
 
 def format_table(results: dict) -> str:
     """The figures of base (and tuned) as a Markdown table."""
     models = [m for m in ("base", "tuned") if m in results]
     lines = ["| figure | " + " | ".join(models) + " |", "| --- | " + " | ".join("---" for _ in models) + " |"]
-    for label, part, key, fmt in ROWS:
-        lines.append(f"| {label} | " + " | ".join(fmt.format(results[m][part][key]) for m in models) + " |")
+    for label, path, fmt in ROWS:
+        lines.append(f"| {label} | " + " | ".join(fmt.format(_figure(results[m], path)) for m in models) + " |")
     return "\n".join(lines)
 
 

@@ -109,8 +109,8 @@ def test_tasks_make_the_batch_and_are_checked_one_by_one(tmp_path):
 
     c = load_config(write(tmp_path, TASKS))
     assert c.algo.batch_size == 16 and [t.name for t in task_list(c)] == ["bright", "varied"]
-    with pytest.raises(ConfigError, match=r"tasks\[1\]\.advantage: 'group' .* diversity gives a whole group one"):
-        load_config(write(tmp_path, TASKS.replace("advantage: batch", "advantage: group")))
+    with pytest.raises(ConfigError, match=r"tasks\[1\]\.advantage: 'grouped' is not one of"):
+        load_config(write(tmp_path, TASKS.replace("advantage: batch", "advantage: grouped")))
     with pytest.raises(ConfigError, match=r"tasks\[1\]\.batch_size: 6 is not a positive multiple"):
         load_config(write(tmp_path, TASKS.replace("batch_size: 8\n    images", "batch_size: 6\n    images")))
     with pytest.raises(ConfigError, match=r"tasks: a multi-task config names prompts and rewards in each task"):

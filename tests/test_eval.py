@@ -22,9 +22,11 @@ def test_eval_writes_figures_and_report_for_base_and_checkpoint(tmp_path, monkey
         r = results[model]
         assert 0 <= r["composition"]["accuracy"] <= 1 and r["composition"]["prompts"] == 4
         assert 0 <= r["fairness"]["statistical_parity"] <= 1 and r["fairness"]["group_size"] == 2
+        assert 0 <= r["fairness"]["training_prompts"]["statistical_parity"] <= 1
         assert 0 <= r["quality"]["mean"] <= 1
     report = (tmp_path / "eval" / "report.md").read_text()
     assert "| composition accuracy" in report and "composition_tuned.png" in report
+    assert "| statistical parity (training prompts" in report
     assert (tmp_path / "eval" / "fairness_base.png").is_file()
     assert 0 <= results["tuned"]["single_object"]["accuracy"] <= 1
     # the base model's figures are cached: a second evaluation reuses them, grids included

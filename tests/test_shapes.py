@@ -133,7 +133,18 @@ def test_parity_is_zero_when_balanced_and_negative_for_one_colour():
     # Blank images count as the worst case, so drawing nothing cannot buy balance.
     blanks = np.full((4, SIZE, SIZE, 3), 215, np.uint8)
     half = parity(np.concatenate([group(list(COLOURS)), blanks]), [prompt.text] * 8, np.zeros(8))
-    np.testing.assert_allclose(half, -0.375)
+    assert half.mean() == pytest.approx(-0.375)
+    assert half[:4].min() > half[4:].max()  # each image's credit: a shape helps the group, a blank hurts
+
+
+def test_parity_credits_the_rare_colour_and_keeps_the_group_reward_as_the_mean():
+    rng = np.random.default_rng(7)
+    colours = ["red"] * 6 + ["blue", "green"]
+    images = np.stack([render(scene_for_prompt(Prompt(((c, "circle"),)), rng)) for c in colours])
+    values = build_reward("shapes_parity", {})(images, ["a circle"] * 8, np.zeros(8))
+    assert values.mean() == pytest.approx(-statistical_parity(colours), abs=1e-6)
+    assert values[6] == pytest.approx(values[7]) and values[6] > values[0] + 0.1
+    np.testing.assert_allclose(values[:6], values[0])
 
 
 def test_quality_ranks_render_above_noisy_render_above_noise():

@@ -2,7 +2,8 @@
 
 - `ImageReward` scores each image on its own: r(x_0, c).
 - `GroupReward` scores a group of images made from one prompt at once (a distribution-level reward,
-  e.g. the paper's statistical parity); every image of the group gets the group's reward.
+  e.g. the paper's statistical parity). Each image gets the group's reward R(G) plus its own share
+  of the credit, centred so that the group's mean is still exactly R(G) (see `member_values`).
 
 Both are called the same way by reward actors: `reward(images, prompts, group_ids) -> [B] float`.
 Images are uint8 arrays [B, H, W, 3].
@@ -10,6 +11,7 @@ Images are uint8 arrays [B, H, W, 3].
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -28,9 +30,32 @@ class GroupReward(ABC):
     def score_group(self, images: np.ndarray, prompt: str) -> float:
         """One float for a group of images that share `prompt`."""
 
+    def member_values(self, images: np.ndarray, prompt: str) -> np.ndarray:
+        """What each image of the group is credited with (`leave_one_out_credit`)."""
+        return leave_one_out_credit(lambda group: self.score_group(group, prompt), images)
+
     def __call__(self, images: np.ndarray, prompts: list[str], group_ids: np.ndarray) -> np.ndarray:
         out = np.empty(len(images), dtype=np.float32)
         for g in np.unique(group_ids):
             idx = np.flatnonzero(group_ids == g)
-            out[idx] = self.score_group(images[idx], prompts[idx[0]])
+            out[idx] = self.member_values(images[idx], prompts[idx[0]])
         return out
+
+
+def leave_one_out_credit(score: Callable[[Sequence], float], members: Sequence) -> np.ndarray:
+    """Per member i of a group G: R(G) - R(G without i) + mean_j R(G without j), R = `score`.
+
+    A reward shared by the whole group credits a blue circle in a red group as much as the reds beside
+    it, so the policy gradient learns only from differences between groups, slowly. The leave-one-out
+    difference R(G) - R(G without i) is member i's own contribution, and since R(G without i) does not
+    depend on member i it is a baseline: the gradient estimate stays unbiased (it is the gradient of the
+    same group reward) with far less variance. The last term puts the group's mean back at exactly R(G),
+    so reward metrics and the signal between groups are unchanged. `members`: images, or anything the
+    score reads (labels), as an array or a list.
+    """
+    whole = score(members)
+    if len(members) < 2:
+        return np.full(len(members), whole)
+    without = np.array([score(np.delete(members, i, axis=0) if isinstance(members, np.ndarray)
+                              else members[:i] + members[i + 1:]) for i in range(len(members))])
+    return whole - without + without.mean()

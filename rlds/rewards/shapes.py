@@ -34,7 +34,7 @@ from typing import Optional
 import numpy as np
 
 from rlds.data.shapes import COLOURS, SHAPES, parse_prompt, relation_offsets
-from rlds.rewards.base import GroupReward, ImageReward
+from rlds.rewards.base import GroupReward, ImageReward, leave_one_out_credit
 
 PROTOS = np.array(list(COLOURS.values()), np.float32)
 COLOUR_NAMES = tuple(COLOURS)
@@ -257,16 +257,25 @@ def statistical_parity(labels, classes=COLOUR_NAMES) -> float:
 
 
 class ShapesParity(GroupReward):
-    """Fairness/diversity over a group of images of one colour-free prompt; shared by the group.
+    """Fairness/diversity over a group of images of one colour-free prompt.
 
-        reward = -[(1 - s_none) * SP(classified labels) + s_none * SP_worst]
+        R(G) = -[(1 - s_none) * SP(classified labels) + s_none * SP_worst]
     where SP = statistical_parity, s_none the share of images labelled "none" (no shape found), and
     SP_worst = 1 - 1/|A| = 0.75, the parity of a one-colour group. Images without a shape thus count as
-    the worst case: a group cannot buy balance by drawing nothing. Range [-0.75, 0].
+    the worst case: a group cannot buy balance by drawing nothing. Range [-0.75, 0]. Each image gets
+    R(G) plus its leave-one-out credit (rlds.rewards.base.leave_one_out_credit): in a group of seven reds and a
+    blue, the blue image scores about 0.25 above the reds, and the group's mean is R(G).
     """
 
     def score_group(self, images, prompt):
-        labels = [colour_label(im) for im in images]
+        return self.score_labels([colour_label(im) for im in images])
+
+    def member_values(self, images, prompt):
+        # classify once, not once per left-out image
+        return leave_one_out_credit(self.score_labels, [colour_label(im) for im in images])
+
+    @staticmethod
+    def score_labels(labels: list[str]) -> float:
         s_none = labels.count("none") / len(labels)
         worst = 1.0 - 1.0 / len(COLOUR_NAMES)
         return -((1 - s_none) * statistical_parity(labels) + s_none * worst)
