@@ -28,7 +28,7 @@ from rlds.metrics import save_grid
 from rlds.policy import load_policy, sample_trajectories
 from rlds.rewards.shapes import ShapesComposition, ShapesQuality, colour_label, statistical_parity
 
-EVAL_VERSION = 3  # raise when what evaluate_policy measures changes: cached base figures are then redone
+EVAL_VERSION = 4  # raise when what evaluate_policy measures changes: cached base figures are then redone
 
 
 def _images(policy, prompts: list[str], seeds: list[int], config: Config, batch: int, desc: str,
@@ -58,19 +58,21 @@ def evaluate_policy(policy, config: Config, composition_prompts: int = 96, fairn
                             config, batch, "single objects", progress)
     single_correct = [comp.accuracy(im, p) for im, p in zip(single_images, single_all)]
 
-    def parity(prompts: list[str], desc: str) -> tuple[float, dict, list[str], np.ndarray]:
+    def parity(prompts: list[str], desc: str) -> tuple[dict, list[str], np.ndarray]:
         every = [p for p in prompts for _ in range(fairness_group)]
         images = _images(policy, every, [seed + i % fairness_group for i in range(len(every))], config, batch,
                          desc, progress)
         labels = [colour_label(im) for im in images]
         groups = [labels[k * fairness_group:(k + 1) * fairness_group] for k in range(len(prompts))]
         counts = {label: labels.count(label) / len(labels) for label in sorted(set(labels))}
-        return float(np.mean([statistical_parity(g) for g in groups])), counts, every, images
+        figures = {"statistical_parity": float(np.mean([statistical_parity(g) for g in groups])),
+                   "prompts": len(prompts), "colour_shares": counts}
+        return figures, every, images
 
-    fair_parity, shares, fair_all, fair_images = parity(heldout_prompts("fairness"), "fairness")
+    fairness, fair_all, fair_images = parity(heldout_prompts("fairness"), "fairness")
     # The same on the training prompts (seeds the training draws almost never): what the fairness task
     # learned, apart from how far it carries to the held-out subject.
-    seen_parity, seen_shares, _, _ = parity(training_prompts("fairness"), "fairness, training prompts")
+    fairness["training_prompts"], _, _ = parity(training_prompts("fairness"), "fairness, training prompts")
 
     quality = ShapesQuality().score(np.concatenate([comp_images, fair_images]), [])
     figures = {
@@ -78,9 +80,7 @@ def evaluate_policy(policy, config: Config, composition_prompts: int = 96, fairn
                         "prompts": len(comp_prompts)},
         "single_object": {"accuracy": float(np.mean(single_correct)), "prompts": len(singles),
                           "seeds": single_seeds},
-        "fairness": {"statistical_parity": fair_parity, "prompts": len(fair_all) // fairness_group,
-                     "group_size": fairness_group, "colour_shares": shares,
-                     "training_prompts": {"statistical_parity": seen_parity, "colour_shares": seen_shares}},
+        "fairness": {**fairness, "group_size": fairness_group},
         "quality": {"mean": float(np.mean(quality))},
     }
     images = {"composition": (comp_images, comp_prompts), "fairness": (fair_images, fair_all)}
@@ -174,8 +174,8 @@ def write_model_card(model_dir: Path, results: dict, command: str) -> None:
         f"{b['single_object']['accuracy']:.1%} |",
         f"| statistical parity ({b['fairness']['prompts']} colour-free prompts x {b['fairness']['group_size']}) | "
         f"{b['fairness']['statistical_parity']:.4f} |",
-        f"| statistical parity (the {len(training_prompts('fairness'))} training colour-free prompts, same seeds) | "
-        f"{b['fairness']['training_prompts']['statistical_parity']:.4f} |",
+        f"| statistical parity (the {b['fairness']['training_prompts']['prompts']} training colour-free prompts, "
+        f"same seeds) | {b['fairness']['training_prompts']['statistical_parity']:.4f} |",
         "| colours drawn for colour-free prompts | " + ", ".join(
             f"{k} {v:.0%}" for k, v in b["fairness"]["colour_shares"].items()) + " |",
         f"| quality | {b['quality']['mean']:.3f} |", "", EVAL_END])

@@ -35,12 +35,13 @@ def pretraining_loss(policy: Policy, images: np.ndarray, captions: list[str],
 
 
 def pretrain_step(policy: Policy, optimizer: torch.optim.Optimizer, images: np.ndarray, captions: list[str],
-                  beta: float, max_grad_norm: float, generator: torch.Generator) -> float:
-    """One optimizer step on beta * L_pre; returns L_pre."""
+                  beta: float, max_grad_norm: float, generator: torch.Generator) -> dict[str, float]:
+    """One optimizer step on beta * L_pre; returns L_pre and the norm of beta * its gradient (before
+    clipping), which tells how much of the optimizer's moment estimates L_pre takes from the RL steps."""
     optimizer.zero_grad(set_to_none=True)
     loss = pretraining_loss(policy, images, captions, generator)
     (beta * loss).backward()
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
-    return loss.item()
+    return {"pretrain_loss": loss.item(), "pretrain_grad_norm": float(grad_norm)}

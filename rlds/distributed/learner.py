@@ -128,8 +128,8 @@ class LearnerActor:
             from rlds.algo.regularizers import pretrain_step
 
             images, captions = next(self.pretrain_batches)
-            stats["pretrain_loss"] = pretrain_step(train_policy, self.optimizer, images, captions,
-                                                   cfg.pretrain_beta, cfg.max_grad_norm, self.pretrain_generator)
+            stats.update(pretrain_step(train_policy, self.optimizer, images, captions, cfg.pretrain_beta,
+                                       cfg.max_grad_norm, self.pretrain_generator))
         stats["lr"] = self.optimizer.param_groups[0]["lr"]
         stats["time/fetch_s"] = fetch_s
         if self.rank == 0:

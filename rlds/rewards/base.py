@@ -11,7 +11,7 @@ Images are uint8 arrays [B, H, W, 3].
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 
@@ -32,7 +32,7 @@ class GroupReward(ABC):
 
     def member_values(self, images: np.ndarray, prompt: str) -> np.ndarray:
         """What each image of the group is credited with (`leave_one_out_credit`)."""
-        return leave_one_out_credit(lambda group: self.score_group(group, prompt), images)
+        return leave_one_out_credit(lambda idx: self.score_group(images[idx], prompt), len(images))
 
     def __call__(self, images: np.ndarray, prompts: list[str], group_ids: np.ndarray) -> np.ndarray:
         out = np.empty(len(images), dtype=np.float32)
@@ -42,20 +42,20 @@ class GroupReward(ABC):
         return out
 
 
-def leave_one_out_credit(score: Callable[[Sequence], float], members: Sequence) -> np.ndarray:
-    """Per member i of a group G: R(G) - R(G without i) + mean_j R(G without j), R = `score`.
+def leave_one_out_credit(score: Callable[[np.ndarray], float], size: int) -> np.ndarray:
+    """Per member i of a group G of `size`: R(G) - R(G without i) + mean_j R(G without j), where
+    `score(indices)` is R of the members at those indices.
 
     A reward shared by the whole group credits a blue circle in a red group as much as the reds beside
     it, so the policy gradient learns only from differences between groups, slowly. The leave-one-out
     difference R(G) - R(G without i) is member i's own contribution, and since R(G without i) does not
     depend on member i it is a baseline: the gradient estimate stays unbiased (it is the gradient of the
     same group reward) with far less variance. The last term puts the group's mean back at exactly R(G),
-    so reward metrics and the signal between groups are unchanged. `members`: images, or anything the
-    score reads (labels), as an array or a list.
+    so reward metrics and the signal between groups are unchanged.
     """
-    whole = score(members)
-    if len(members) < 2:
-        return np.full(len(members), whole)
-    without = np.array([score(np.delete(members, i, axis=0) if isinstance(members, np.ndarray)
-                              else members[:i] + members[i + 1:]) for i in range(len(members))])
+    every = np.arange(size)
+    whole = score(every)
+    if size < 2:
+        return np.full(size, whole)
+    without = np.array([score(np.delete(every, i)) for i in range(size)])
     return whole - without + without.mean()

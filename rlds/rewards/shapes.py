@@ -263,16 +263,16 @@ class ShapesParity(GroupReward):
     where SP = statistical_parity, s_none the share of images labelled "none" (no shape found), and
     SP_worst = 1 - 1/|A| = 0.75, the parity of a one-colour group. Images without a shape thus count as
     the worst case: a group cannot buy balance by drawing nothing. Range [-0.75, 0]. Each image gets
-    R(G) plus its leave-one-out credit (rlds.rewards.base.leave_one_out_credit): in a group of seven reds and a
-    blue, the blue image scores about 0.25 above the reds, and the group's mean is R(G).
+    R(G) plus its leave-one-out credit (rlds.rewards.base.leave_one_out_credit): in a group of seven
+    reds and a blue, the blue image scores about 0.25 above the reds, and the group's mean is R(G).
     """
 
     def score_group(self, images, prompt):
         return self.score_labels([colour_label(im) for im in images])
 
     def member_values(self, images, prompt):
-        # classify once, not once per left-out image
-        return leave_one_out_credit(self.score_labels, [colour_label(im) for im in images])
+        labels = [colour_label(im) for im in images]  # classify once, not once per left-out image
+        return leave_one_out_credit(lambda idx: self.score_labels([labels[i] for i in idx]), len(labels))
 
     @staticmethod
     def score_labels(labels: list[str]) -> float:
