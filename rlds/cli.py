@@ -69,7 +69,8 @@ def cmd_eval(args) -> int:
     name, overrides = split_overrides(args.args)
     config = load_config(resolve_config(name), tuple(overrides))
     out = Path(args.out or (Path(args.checkpoint).parent.parent / "eval" if args.checkpoint else "eval"))
-    results = evaluate(config, out, args.checkpoint, args.seed, args.composition_prompts, args.group_size)
+    results = evaluate(config, out, args.checkpoint, args.seed, args.composition_prompts, args.composition_seeds,
+                       args.group_size, progress=not args.no_progress)
     if args.model_card:
         from rlds.eval import write_model_card
         from rlds.policy.pipeline import model_location
@@ -159,8 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", help="a checkpoint folder; default: the base model alone")
     ev.add_argument("--out", help="output folder (default: RUN/eval for a checkpoint, else eval/)")
     ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--composition-prompts", type=int, default=96, help="held-out relation prompts to draw")
+    ev.add_argument("--composition-prompts", type=int, default=None,
+                    help="held-out relation prompts to draw (default: all 132)")
+    ev.add_argument("--composition-seeds", type=int, default=2, help="images per held-out relation prompt")
     ev.add_argument("--group-size", type=int, default=16, help="images per colour-free prompt")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.add_argument("--model-card", action="store_true",
                     help="also write the base model's figures into its model card (model.source/README.md)")
     ev.set_defaults(func=cmd_eval)

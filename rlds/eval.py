@@ -1,8 +1,9 @@
 """`rlds eval`: the ShapesWorld evaluation on held-out prompts with fixed seeds.
 
-- composition: held-out two-object relation prompts; accuracy (every named object found with the
-  right colour and shape, and the relation holding) and the mean composition reward; and the accuracy
-  on the 12 single-object prompts ("a red circle"), which the base model mostly gets right;
+- composition: every held-out two-object relation prompt, two seeds each; accuracy (every named object
+  found with the right colour and shape, and the relation holding) with its standard error, and the
+  mean composition reward; and the accuracy on the 12 single-object prompts ("a red circle"), which
+  the base model mostly gets right;
 - fairness: held-out colour-free prompts (every prompt naming a triangle, a subject training never
   shows), a group of images each; statistical parity sum_a (share_a - 1/|A|)^2 of the colour
   classifier's labels, averaged over prompts (lower is fairer); and the same on the training prompts,
@@ -28,7 +29,7 @@ from rlds.metrics import save_grid
 from rlds.policy import load_policy, sample_trajectories
 from rlds.rewards.shapes import ShapesComposition, ShapesQuality, colour_label, statistical_parity
 
-EVAL_VERSION = 4  # raise when what evaluate_policy measures changes: cached base figures are then redone
+EVAL_VERSION = 5  # raise when what evaluate_policy measures changes: cached base figures are then redone
 
 
 def _images(policy, prompts: list[str], seeds: list[int], config: Config, batch: int, desc: str,
@@ -40,18 +41,29 @@ def _images(policy, prompts: list[str], seeds: list[int], config: Config, batch:
     return np.concatenate(out)
 
 
-def evaluate_policy(policy, config: Config, composition_prompts: int = 96, fairness_group: int = 16,
-                    seed: int = 0, batch: int = 32, single_seeds: int = 4,
-                    progress: bool = True) -> tuple[dict, dict]:
-    """Figures, and the images they came from (for grids)."""
+def _standard_error(outcomes: list) -> float:
+    """The standard error of a mean of 0/1 outcomes, sqrt(p (1 - p) / n)."""
+    return float(np.std(outcomes) / np.sqrt(len(outcomes)))
+
+
+def evaluate_policy(policy, config: Config, composition_prompts: Optional[int] = None,
+                    composition_seeds: int = 2, fairness_group: int = 16, seed: int = 0, batch: int = 32,
+                    single_seeds: int = 4, progress: bool = True) -> tuple[dict, dict]:
+    """Figures, and the images they came from (for grids).
+
+    Composition: `composition_prompts` held-out relation prompts (default: all of them) x
+    `composition_seeds` seeds. One image per prompt left the accuracy with a standard error of ~4
+    points, as large as the effects it has to show."""
     comp_prompts = heldout_prompts("composition")
-    pick = np.random.default_rng(seed).permutation(len(comp_prompts))[:composition_prompts]
-    comp_prompts = [comp_prompts[i] for i in sorted(pick)]
-    comp_images = _images(policy, comp_prompts, [seed + i for i in range(len(comp_prompts))], config,
+    if composition_prompts is not None and composition_prompts < len(comp_prompts):
+        pick = np.random.default_rng(seed).permutation(len(comp_prompts))[:composition_prompts]
+        comp_prompts = [comp_prompts[i] for i in sorted(pick)]
+    comp_all = [p for p in comp_prompts for _ in range(composition_seeds)]
+    comp_images = _images(policy, comp_all, [seed + i for i in range(len(comp_all))], config,
                           batch, "composition", progress)
     comp = ShapesComposition()
-    scores = comp.score(comp_images, comp_prompts)
-    correct = [comp.accuracy(im, p) for im, p in zip(comp_images, comp_prompts)]
+    scores = comp.score(comp_images, comp_all)
+    correct = [comp.accuracy(im, p) for im, p in zip(comp_images, comp_all)]
     singles = [p for p in training_prompts("composition") if parse_prompt(p).relation is None]
     single_all = [p for p in singles for _ in range(single_seeds)]
     single_images = _images(policy, single_all, [seed + i % single_seeds for i in range(len(single_all))],
@@ -76,24 +88,27 @@ def evaluate_policy(policy, config: Config, composition_prompts: int = 96, fairn
 
     quality = ShapesQuality().score(np.concatenate([comp_images, fair_images]), [])
     figures = {
-        "composition": {"accuracy": float(np.mean(correct)), "mean_score": float(np.mean(scores)),
-                        "prompts": len(comp_prompts)},
-        "single_object": {"accuracy": float(np.mean(single_correct)), "prompts": len(singles),
+        "composition": {"accuracy": float(np.mean(correct)), "accuracy_se": _standard_error(correct),
+                        "mean_score": float(np.mean(scores)), "prompts": len(comp_prompts),
+                        "seeds": composition_seeds},
+        "single_object": {"accuracy": float(np.mean(single_correct)),
+                          "accuracy_se": _standard_error(single_correct), "prompts": len(singles),
                           "seeds": single_seeds},
         "fairness": {**fairness, "group_size": fairness_group},
         "quality": {"mean": float(np.mean(quality))},
     }
-    images = {"composition": (comp_images, comp_prompts), "fairness": (fair_images, fair_all)}
+    images = {"composition": (comp_images, comp_all), "fairness": (fair_images, fair_all)}
     return figures, images
 
 
 def evaluate(config: Config, out: Path, checkpoint: Optional[str] = None, seed: int = 0,
-             composition_prompts: int = 96, fairness_group: int = 16, progress: bool = True) -> dict:
+             composition_prompts: Optional[int] = None, composition_seeds: int = 2, fairness_group: int = 16,
+             progress: bool = True) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out.mkdir(parents=True, exist_ok=True)
     models = {"base": None} if checkpoint is None else {"base": None, "tuned": checkpoint}
     results, images = {"config": config.name, "seed": seed, "checkpoint": checkpoint}, {}
-    args = (composition_prompts, fairness_group, seed)
+    args = (composition_prompts, composition_seeds, fairness_group, seed)
     for name, ckpt in models.items():
         cached = _read_base_cache(config, args) if name == "base" else None
         if cached is not None:  # the base model's figures do not change from run to run
@@ -102,8 +117,7 @@ def evaluate(config: Config, out: Path, checkpoint: Optional[str] = None, seed: 
         policy = load_policy(config.model, device)
         if ckpt:
             load_trainable_file(policy.unet, ckpt)
-        results[name], images[name] = evaluate_policy(policy, config, composition_prompts, fairness_group, seed,
-                                                      progress=progress)
+        results[name], images[name] = evaluate_policy(policy, config, *args, progress=progress)
         if name == "base":
             _write_base_cache(config, args, results[name], images[name])
     (out / "eval.json").write_text(json.dumps(results, indent=2))
@@ -168,10 +182,11 @@ def write_model_card(model_dir: Path, results: dict, command: str) -> None:
     table = "\n".join([
         EVAL_START, "", f"`{command}` (held-out prompts, fixed seeds):", "",
         "| figure | value |", "| --- | --- |",
-        f"| composition accuracy ({b['composition']['prompts']} held-out relation prompts) | {b['composition']['accuracy']:.1%} |",
+        f"| composition accuracy ({b['composition']['prompts']} held-out relation prompts x {b['composition']['seeds']} "
+        f"seeds) | {_with_se(b['composition'])} |",
         f"| composition mean score | {b['composition']['mean_score']:.3f} |",
         f"| single-object accuracy ({b['single_object']['prompts']} prompts x {b['single_object']['seeds']} seeds) | "
-        f"{b['single_object']['accuracy']:.1%} |",
+        f"{_with_se(b['single_object'])} |",
         f"| statistical parity ({b['fairness']['prompts']} colour-free prompts x {b['fairness']['group_size']}) | "
         f"{b['fairness']['statistical_parity']:.4f} |",
         f"| statistical parity (the {b['fairness']['training_prompts']['prompts']} training colour-free prompts, "
@@ -183,13 +198,18 @@ def write_model_card(model_dir: Path, results: dict, command: str) -> None:
     card.write_text(head + table + rest.split(EVAL_END, 1)[1])
 
 
-ROWS = [("composition accuracy (held-out, higher is better)", "composition.accuracy", "{:.1%}"),
-        ("composition mean score", "composition.mean_score", "{:.3f}"),
-        ("single-object accuracy", "single_object.accuracy", "{:.1%}"),
-        ("statistical parity (held-out, lower is fairer)", "fairness.statistical_parity", "{:.4f}"),
+def _with_se(figures: dict) -> str:
+    return f"{figures['accuracy']:.1%} ± {figures['accuracy_se']:.1%}"
+
+
+# (label, dotted path, how to show it); an accuracy shows its standard error
+ROWS = [("composition accuracy ± s.e. (held-out, higher is better)", "composition", _with_se),
+        ("composition mean score", "composition.mean_score", "{:.3f}".format),
+        ("single-object accuracy ± s.e.", "single_object", _with_se),
+        ("statistical parity (held-out, lower is fairer)", "fairness.statistical_parity", "{:.4f}".format),
         ("statistical parity (training prompts, eval seeds)", "fairness.training_prompts.statistical_parity",
-         "{:.4f}"),
-        ("quality", "quality.mean", "{:.3f}")]
+         "{:.4f}".format),
+        ("quality", "quality.mean", "{:.3f}".format)]
 
 
 def _figure(figures: dict, path: str):
@@ -202,8 +222,8 @@ def format_table(results: dict) -> str:
     """The figures of base (and tuned) as a Markdown table."""
     models = [m for m in ("base", "tuned") if m in results]
     lines = ["| figure | " + " | ".join(models) + " |", "| --- | " + " | ".join("---" for _ in models) + " |"]
-    for label, path, fmt in ROWS:
-        lines.append(f"| {label} | " + " | ".join(fmt.format(_figure(results[m], path)) for m in models) + " |")
+    for label, path, show in ROWS:
+        lines.append(f"| {label} | " + " | ".join(show(_figure(results[m], path)) for m in models) + " |")
     return "\n".join(lines)
 
 

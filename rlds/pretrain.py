@@ -57,6 +57,9 @@ EVAL_START, EVAL_END = "<!-- rlds-eval:start -->", "<!-- rlds-eval:end -->"
 class PretrainConfig:
     seed: int = 0  # model initialisation, data order, noise, timesteps, caption dropout
     out: str = "rlds/models/shapes-base"  # the model folder (the CLI's --out overrides it)
+    # a model folder written by `rlds pretrain` whose weights this run starts from (same architecture),
+    # to pretrain in stages; null: random weights from `seed`
+    init_from: Optional[str] = None
     # the data: written with rlds.data.pretrain_set.write_pretrain_set when data_path does not exist
     data_path: str = "data/shapes_pretrain.parquet"
     data_rows: int = 60000
@@ -158,9 +161,28 @@ def validate_pretrain(c: PretrainConfig, where: str = "config") -> None:
         fail("save_every_minutes", "must be above 0")
     if c.log_every < 1:
         fail("log_every", "must be at least 1")
+    if c.init_from is not None and not (Path(c.init_from) / "unet").is_dir():
+        fail("init_from", f"{c.init_from!r} is not a model folder (no unet/ in it); give a folder written "
+                          "by rlds pretrain, or null to start from random weights")
 
 
 # ---------------------------------------------------------------- the model
+
+
+def load_start_weights(policy, folder: Path) -> None:
+    """Load an earlier model folder's UNet and text encoder into `policy` (init_from)."""
+    from safetensors.torch import load_file
+
+    for module, path in ((policy.unet, folder / "unet" / "diffusion_pytorch_model.safetensors"),
+                         (policy.text_encoder, folder / "text_encoder" / "model.safetensors")):
+        if not path.is_file():
+            raise ConfigError(f"init_from: {path} does not exist; give a folder written by rlds pretrain")
+        try:
+            module.load_state_dict(load_file(path))
+        except RuntimeError as e:
+            raise ConfigError(f"init_from: {path} does not fit this config's model ({str(e).splitlines()[0]}); "
+                              "keep block_out_channels, text_hidden and the other model keys of "
+                              f"{folder / 'pretrain_config.yaml'}") from None
 
 
 def build_shapes_policy(cfg: PretrainConfig):
@@ -275,6 +297,9 @@ def _model_card(cfg: PretrainConfig, summary: dict, command: str) -> str:
               f"**checkpoint** written during training at step {summary['steps']:,}; the run was still going "
               "(or was stopped) when this was saved")
     lr = f"{cfg.learning_rate:g}, {cfg.lr_schedule}" + (f", {cfg.warmup_steps} warm-up steps" if cfg.warmup_steps else "")
+    start = (f"\n\nThis run started from the weights of `{cfg.init_from}` (`init_from`); that folder's "
+             "card says how those were made, so reproducing this model runs that command first."
+             if cfg.init_from else "")
     return f"""# ShapesWorld base model (rlds)
 
 A small text-to-image diffusion model of ShapesWorld (32x32 RGB images of one or two coloured circles,
@@ -291,7 +316,7 @@ Status: {status}.
 
 from the repository root; `pretrain_config.yaml` here is the resolved config, every default filled in
 (`rlds pretrain <this folder>/pretrain_config.yaml` reruns it). Given the config and the number of torch
-threads the run is deterministic when it stops by `steps`.
+threads the run is deterministic when it stops by `steps`.{start}
 
 ## Model
 
@@ -393,6 +418,8 @@ def pretrain(cfg: PretrainConfig, out: Optional[Path] = None, progress: bool = T
         if data["rows"] < cfg.batch_size:
             raise ConfigError(f"data_path {data['path']}: {data['rows']} rows cannot fill a batch of {cfg.batch_size}")
         policy = build_shapes_policy(cfg)
+        if cfg.init_from:
+            load_start_weights(policy, Path(cfg.init_from))
         policy.text_encoder.train().requires_grad_(True)
         policy.unet.train().requires_grad_(True)
         params = list(policy.text_encoder.parameters()) + list(policy.unet.parameters())

@@ -15,17 +15,21 @@ def test_eval_writes_figures_and_report_for_base_and_checkpoint(tmp_path, monkey
         p.data.mul_(1.01)
     ckpt = save_checkpoint(tmp_path / "ckpt", trainable_bytes(policy.unet), b"", {"iteration": 1})
     args = ["eval", "configs/tiny.yaml", "sampling.num_steps=3", "algo.timesteps_per_iteration=2", "--composition-prompts", "4",
-            "--group-size", "2", "--out", str(tmp_path / "eval"), "--checkpoint", str(ckpt)]
+            "--composition-seeds", "3", "--group-size", "2", "--out", str(tmp_path / "eval"), "--checkpoint", str(ckpt)]
     assert main(args) == 0
     results = json.loads((tmp_path / "eval" / "eval.json").read_text())
     for model in ("base", "tuned"):
         r = results[model]
-        assert 0 <= r["composition"]["accuracy"] <= 1 and r["composition"]["prompts"] == 4
+        comp = r["composition"]
+        assert 0 <= comp["accuracy"] <= 1 and comp["prompts"] == 4 and comp["seeds"] == 3
+        # the standard error of 4 prompts x 3 seeds = 12 images
+        assert abs(comp["accuracy_se"] - (comp["accuracy"] * (1 - comp["accuracy"]) / 12) ** 0.5) < 1e-9
         assert 0 <= r["fairness"]["statistical_parity"] <= 1 and r["fairness"]["group_size"] == 2
         assert 0 <= r["fairness"]["training_prompts"]["statistical_parity"] <= 1
         assert 0 <= r["quality"]["mean"] <= 1
     report = (tmp_path / "eval" / "report.md").read_text()
-    assert "| composition accuracy" in report and "composition_tuned.png" in report
+    assert "| composition accuracy ± s.e." in report and "composition_tuned.png" in report
+    assert f"{results['base']['composition']['accuracy_se']:.1%} |" in report.split("| composition mean")[0]
     assert "| statistical parity (training prompts" in report
     assert (tmp_path / "eval" / "fairness_base.png").is_file()
     assert 0 <= results["tuned"]["single_object"]["accuracy"] <= 1

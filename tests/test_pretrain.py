@@ -95,3 +95,22 @@ def test_cli_pretrain_stops_at_the_time_budget(tmp_path, capsys):
     assert "rlds pretrain configs/pretrain_shapes.yaml steps=8" in (tmp_path / "m" / "README.md").read_text()
     assert main(["pretrain", "bogus_key=1", "--out", str(tmp_path / "x")]) == 2
     assert "bogus_key: unknown key" in capsys.readouterr().err
+
+
+def test_pretraining_can_start_from_an_earlier_model_folder(tiny_run, tmp_path):
+    from safetensors.numpy import load_file
+
+    out, cfg = tiny_run
+    # lr so small that one step leaves the weights where they started: the earlier folder's, not random ones
+    stage = dataclasses.replace(cfg, init_from=str(out), steps=1, learning_rate=1e-12, warmup_steps=0,
+                                ema_decay=0.0, seed=5)
+    second = pretrain(stage, tmp_path / "stage2", progress=False)
+    for part, name in (("unet", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors")):
+        before, after = load_file(out / part / name), load_file(second / part / name)
+        assert before.keys() == after.keys()
+        assert all(np.allclose(before[k], after[k], atol=1e-6) for k in before)
+    assert f"started from the weights of `{out}`" in (second / "README.md").read_text()
+    with pytest.raises(ConfigError, match="init_from"):  # another architecture
+        pretrain(dataclasses.replace(stage, text_hidden=16), tmp_path / "stage3", progress=False)
+    with pytest.raises(ConfigError, match="init_from: .* is not a model folder"):
+        load_pretrain_config("configs/pretrain_shapes.yaml", (f"init_from={tmp_path}",))
