@@ -161,28 +161,27 @@ def validate_pretrain(c: PretrainConfig, where: str = "config") -> None:
         fail("save_every_minutes", "must be above 0")
     if c.log_every < 1:
         fail("log_every", "must be at least 1")
-    if c.init_from is not None and not (Path(c.init_from) / "unet").is_dir():
-        fail("init_from", f"{c.init_from!r} is not a model folder (no unet/ in it); give a folder written "
-                          "by rlds pretrain, or null to start from random weights")
+    if c.init_from is not None and not (Path(c.init_from) / "model_index.json").is_file():
+        fail("init_from", f"{c.init_from!r} is not a model folder (no model_index.json in it); give a folder "
+                          "written by rlds pretrain, or null to start from random weights")
 
 
 # ---------------------------------------------------------------- the model
 
 
 def load_start_weights(policy, folder: Path) -> None:
-    """Load an earlier model folder's UNet and text encoder into `policy` (init_from)."""
-    from safetensors.torch import load_file
+    """Load an earlier model folder's UNet and text encoder into `policy` (init_from), through the
+    loader every rlds model goes through."""
+    from rlds.policy.pipeline import load_pretrained
 
-    for module, path in ((policy.unet, folder / "unet" / "diffusion_pytorch_model.safetensors"),
-                         (policy.text_encoder, folder / "text_encoder" / "model.safetensors")):
-        if not path.is_file():
-            raise ConfigError(f"init_from: {path} does not exist; give a folder written by rlds pretrain")
+    start = load_pretrained(str(folder))
+    for name in ("unet", "text_encoder"):
         try:
-            module.load_state_dict(load_file(path))
+            getattr(policy, name).load_state_dict(getattr(start, name).state_dict())
         except RuntimeError as e:
-            raise ConfigError(f"init_from: {path} does not fit this config's model ({str(e).splitlines()[0]}); "
-                              "keep block_out_channels, text_hidden and the other model keys of "
-                              f"{folder / 'pretrain_config.yaml'}") from None
+            raise ConfigError(f"init_from: {folder / name} does not fit this config's model "
+                              f"({str(e).splitlines()[0]}); keep block_out_channels, text_hidden and the other "
+                              f"model keys of {folder / 'pretrain_config.yaml'}") from None
 
 
 def build_shapes_policy(cfg: PretrainConfig):
