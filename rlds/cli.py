@@ -122,6 +122,13 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive whole number")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rlds", description="Reinforcement learning for text-to-image diffusion models, on Ray.")
@@ -160,10 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", help="a checkpoint folder; default: the base model alone")
     ev.add_argument("--out", help="output folder (default: RUN/eval for a checkpoint, else eval/)")
     ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--composition-prompts", type=int, default=None,
+    ev.add_argument("--composition-prompts", type=positive_int, default=None,
                     help="held-out relation prompts to draw (default: all 132)")
-    ev.add_argument("--composition-seeds", type=int, default=2, help="images per held-out relation prompt")
-    ev.add_argument("--group-size", type=int, default=16, help="images per colour-free prompt")
+    ev.add_argument("--composition-seeds", type=positive_int, default=2, help="images per held-out relation prompt")
+    ev.add_argument("--group-size", type=positive_int, default=16, help="images per colour-free prompt")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.add_argument("--model-card", action="store_true",
                     help="also write the base model's figures into its model card (model.source/README.md)")

@@ -41,3 +41,12 @@ def test_eval_writes_figures_and_report_for_base_and_checkpoint(tmp_path, monkey
     assert main(args[:-4] + ["--out", str(tmp_path / "again")]) == 0
     again = json.loads((tmp_path / "again" / "eval.json").read_text())
     assert again["base"] == results["base"] and (tmp_path / "again" / "composition_base.png").is_file()
+
+
+def test_eval_refuses_a_count_below_one(capsys):
+    import pytest
+
+    for flag in ("--composition-seeds", "--composition-prompts", "--group-size"):
+        with pytest.raises(SystemExit):
+            main(["eval", "configs/tiny.yaml", flag, "0"])
+        assert f"{flag}: 0 is not a positive whole number" in capsys.readouterr().err
