@@ -32,7 +32,7 @@ def split_overrides(args: list[str], default: str = DEFAULT_CONFIG) -> tuple[str
 
 
 def cmd_train(args) -> int:
-    from rlds.config import load_config
+    from rlds.configure import load_config
     from rlds.trainer import Trainer
 
     name, overrides = split_overrides(args.args)
@@ -51,7 +51,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from rlds.config import load_config
+    from rlds.configure import load_config
     from rlds.sample import read_prompts, sample_images
 
     name, overrides = split_overrides(args.args)
@@ -63,7 +63,7 @@ def cmd_sample(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from rlds.config import load_config
+    from rlds.configure import load_config
     from rlds.eval import evaluate, format_table
 
     name, overrides = split_overrides(args.args)
@@ -84,7 +84,7 @@ def cmd_eval(args) -> int:
 
 def cmd_bench(args) -> int:
     from rlds.bench import PARTS, run_bench
-    from rlds.config import load_config
+    from rlds.configure import load_config
 
     name, overrides = split_overrides(args.args, BENCH_CONFIG)
     config = load_config(resolve_config(name), tuple(overrides))

@@ -1,6 +1,12 @@
-"""The run configuration: typed dataclasses, YAML loading with validation, CLI overrides.
+"""The run configuration's schema: typed dataclasses, YAML loading, command-line overrides, and the
+checks that need nothing but the config itself.
 
-Every error names the dotted key and the file (or the command-line override) it came from.
+This module knows nothing of the rest of rlds (it imports no rlds module). The parts that own a
+choice (the objective, advantage modes, learning-rate schedules, rewards, prompt sources, model
+dtypes) keep their own registries and check their own sections; `rlds.configure.load_config`
+runs them all. Every error names the dotted key and the file (or the command-line override) it
+came from. Nothing is rewritten behind the user's back: a derived default is None until
+`resolve` fills it in, and an explicit value is checked, never replaced.
 """
 from __future__ import annotations
 
@@ -9,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, NoReturn, Optional
 
 import yaml
 
@@ -18,7 +24,9 @@ class ConfigError(ValueError):
     pass
 
 
-ADVANTAGES = ("batch", "per_prompt", "group")
+Fail = Callable[[str, str], NoReturn]  # fail(dotted key, message): raise a ConfigError naming both
+
+DEFAULT_BATCH_SIZE = 16  # algo.batch_size of a single-task config that does not set it
 
 
 @dataclass
@@ -48,7 +56,7 @@ class ModelConfig:
     source: str = "tiny"
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     revision: Optional[str] = None
-    dtype: str = "float32"  # weights and activations: float32 | bfloat16 | float16
+    dtype: str = "float32"  # rlds.policy.pipeline.DTYPES: float32 | bfloat16 | float16 (GPU compute)
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -92,7 +100,7 @@ class TaskConfig:
     rewards: list[RewardConfig] = field(default_factory=list)
     batch_size: int = 0  # trajectories of this task per iteration
     images_per_prompt: int = 1  # a group of this many images shares a prompt (group rewards need > 1)
-    advantage: Optional[str] = None  # default: algo.advantage (a group-shared reward needs `batch`)
+    advantage: Optional[str] = None  # rlds.algo.advantages.ADVANTAGES; default: algo.advantage
 
 
 @dataclass
@@ -114,7 +122,10 @@ class LearnerConfig:
 
 @dataclass
 class AlgoConfig:
-    batch_size: int = 16  # global batch: trajectories per iteration, over all learners
+    objective: str = "ppo"  # rlds.algo.objectives.OBJECTIVES: ppo, the paper's clipped surrogate
+    # global batch: trajectories per iteration, over all learners; None: the sum of the tasks'
+    # batch sizes with `tasks`, else 16 (filled in by `resolve`)
+    batch_size: Optional[int] = None
     timesteps_per_iteration: int = 5  # K random denoising steps of each trajectory are trained
     optimizer_steps: Optional[int] = None  # per task and iteration; default K (one denoising step each)
     # Train only the first (noisiest) fraction of the denoising steps, where layout, colour and
@@ -122,12 +133,12 @@ class AlgoConfig:
     # the rest in noise about fine detail (measured in ShapesWorld: they lowered composition reward).
     noisiest_fraction: float = 1.0
     clip_range: float = 1e-4
-    advantage: str = "batch"  # batch | per_prompt | group
+    advantage: str = "batch"  # rlds.algo.advantages.ADVANTAGES: batch | per_prompt | group
     advantage_clip: float = 10.0
     per_prompt_buffer: int = 32
     per_prompt_min_count: int = 16
     learning_rate: float = 2e-6
-    lr_schedule: str = "constant"  # constant | linear | cosine
+    lr_schedule: str = "constant"  # rlds.algo.schedules.LR_SCHEDULES: constant | linear | cosine
     warmup_iterations: int = 0
     weight_decay: float = 1e-2
     adam_beta1: float = 0.9
@@ -247,11 +258,6 @@ def _join(where: str, key) -> str:
 # ---------------------------------------------------------------- public API
 
 
-def load_config(path: Optional[str] = None, overrides: tuple[str, ...] = ()) -> Config:
-    """Load a training YAML config (or the defaults), apply `key=value` overrides, validate."""
-    return load_yaml(Config, validate, path, overrides)
-
-
 def load_yaml(schema, check, path: Optional[str], overrides: tuple[str, ...]):
     """Any rlds config: read with yaml.safe_load, override, build `schema`, `check(config, where)`."""
     data: dict = {}
@@ -283,100 +289,98 @@ def _apply_override(data: dict, item: str) -> None:
         value = yaml.safe_load(raw) if raw != "" else None
     except yaml.YAMLError:
         value = raw
+    _set_dotted(data, key, value, f"command-line override {item!r}")
+
+
+def _set_dotted(data: dict, key: str, value, what: str) -> None:
     node = data
     parts = key.split(".")
     for i, part in enumerate(parts[:-1]):
         nxt = node.get(part)
         if isinstance(nxt, list) and i + 1 < len(parts) and parts[i + 1].isdigit():
-            raise ConfigError(f"command-line override {item!r}: list entries are set in the file")
+            raise ConfigError(f"{what}: list entries are set in the file")
         if nxt is None:
             nxt = node[part] = {}
         if not isinstance(nxt, dict):
-            raise ConfigError(f"command-line override {item!r}: {'.'.join(parts[:i + 1])} is not a mapping")
+            raise ConfigError(f"{what}: {'.'.join(parts[:i + 1])} is not a mapping")
         node = nxt
     node[parts[-1]] = value
 
 
-def validate(c: Config, where: str = "config") -> None:
-    def fail(key, msg):
-        raise ConfigError(f"{where}: {key}: {msg}")
+def with_changes(config, changes: dict[str, Any], check):
+    """A copy of `config` with dotted keys set in code (`{"replay.max_staleness": 1}`; a list, such as
+    `rewards`, is set whole), rebuilt and checked by `check(config, where)` as a loaded config is."""
+    data = dataclasses.asdict(config)
+    for key, value in changes.items():
+        _set_dotted(data, key, value, f"change {key}={value!r}")
+    label = "a config changed in code"
+    changed = _build(type(config), data, f"{label}: ")
+    check(changed, label)
+    return changed
 
+
+def failer(where: str) -> Fail:
+    """The `fail(key, message)` that every section check calls: a ConfigError naming the source."""
+    def fail(key: str, message: str) -> NoReturn:
+        raise ConfigError(f"{where}: {key}: {message}")
+    return fail
+
+
+def global_batch_size(c: Config) -> int:
+    """Trajectories per iteration: algo.batch_size, or its default (see AlgoConfig.batch_size)."""
+    if c.algo.batch_size is not None:
+        return c.algo.batch_size
+    return sum(t.batch_size for t in c.tasks) if c.tasks else DEFAULT_BATCH_SIZE
+
+
+def resolve(c: Config) -> Config:
+    """A copy with the derived defaults filled in (algo.batch_size), as config.yaml records it."""
+    return dataclasses.replace(c, algo=dataclasses.replace(c.algo, batch_size=global_batch_size(c)))
+
+
+def check_config(c: Config, fail: Fail) -> None:
+    """What the config can check by itself: counts, sizes that must divide, and the rules of tasks.
+    Each part checks its own choices (rlds.configure)."""
     if c.iterations < 1:
         fail("iterations", "must be at least 1")
-    s, a = c.sampler, c.algo
+    a = c.algo
     if c.tasks:
         if c.rewards or any(getattr(c.prompts, k) for k in ("items", "file", "shapes")):
             fail("tasks", "a multi-task config names prompts and rewards in each task, not at the top level")
-        if s.images_per_prompt != 1:
+        if c.sampler.images_per_prompt != 1:
             fail("sampler.images_per_prompt", "with tasks, set images_per_prompt in each task")
         names = [t.name for t in c.tasks]
         for i, t in enumerate(c.tasks):
             if not t.name or t.name in names[:i]:
                 fail(f"tasks[{i}].name", f"each task needs a name of its own; got {names}")
-            _check_task(t, f"tasks[{i}].", c, fail)
         total = sum(t.batch_size for t in c.tasks)
-        if a.batch_size not in (AlgoConfig.batch_size, total):
-            fail("algo.batch_size", f"with tasks it is the sum of the tasks' batch sizes ({total}); leave it out")
-        a.batch_size = total
-    else:
-        _check_task(task_list(c)[0], "", c, fail)
+        if a.batch_size is not None and a.batch_size != total:
+            fail("algo.batch_size", f"with tasks it is the sum of the tasks' batch sizes ({total}), not "
+                 f"{a.batch_size}; leave it out")
+    elif a.batch_size is not None and a.batch_size < 1:
+        fail("algo.batch_size", "must be at least 1")
+    for key, t in task_sections(c):
+        _check_task_sizes(t, key, c, fail)
     if not 0 < a.noisiest_fraction <= 1:
         fail("algo.noisiest_fraction", "must be in (0, 1]")
-    from rlds.algo.ppo import trainable_steps  # late: imports torch
-
-    window = trainable_steps(c.sampling.num_steps, a.noisiest_fraction)
-    if not 1 <= a.timesteps_per_iteration <= window:
-        fail("algo.timesteps_per_iteration", f"must be between 1 and the {window} trainable steps "
-             f"(sampling.num_steps {c.sampling.num_steps} x algo.noisiest_fraction {a.noisiest_fraction})")
-    if a.optimizer_steps is not None and (a.optimizer_steps < 1 or a.timesteps_per_iteration % a.optimizer_steps):
-        fail("algo.optimizer_steps", f"{a.optimizer_steps} must divide algo.timesteps_per_iteration "
-             f"({a.timesteps_per_iteration}): each optimizer step trains the same number of denoising steps")
-    if a.lr_schedule not in ("constant", "linear", "cosine"):
-        fail("algo.lr_schedule", f"{a.lr_schedule!r} is not one of constant, linear, cosine")
-    if c.model.dtype not in ("float32", "bfloat16", "float16"):
-        fail("model.dtype", f"{c.model.dtype!r} is not one of float32, bfloat16, float16")
     if c.replay.max_staleness < 0:
         fail("replay.max_staleness", "must be 0 or more")
-    if c.replay.capacity is not None and c.replay.capacity < a.batch_size:
-        fail("replay.capacity", f"must hold at least one batch (algo.batch_size = {a.batch_size})")
+    batch = global_batch_size(c)
+    if c.replay.capacity is not None and c.replay.capacity < batch:
+        fail("replay.capacity", f"must hold at least one batch (algo.batch_size = {batch})")
     if a.pretrain_beta < 0:
         fail("algo.pretrain_beta", "must be 0 (off) or more")
-    if a.pretrain_beta > 0:
-        if not a.pretrain_data:
-            fail("algo.pretrain_data", "algo.pretrain_beta > 0 needs an image-caption Parquet file or "
-                 "folder (or `shapes`: the ShapesWorld set, written on first use)")
-        if a.pretrain_data != "shapes" and not Path(a.pretrain_data).exists():
-            fail("algo.pretrain_data", f"not found: {a.pretrain_data}")
     if c.sampling.eta <= 0:
         fail("sampling.eta", "must be above 0: the policy needs a stochastic DDIM step")
 
 
-def _check_task(t: TaskConfig, key: str, c: Config, fail) -> None:
-    """One task's prompts, rewards and sizes; `key` is its dotted prefix ("" for a single-task config)."""
-    rewards_key = f"{key}rewards"
-    if not t.rewards:
-        fail(rewards_key, "name at least one reward, e.g. [{name: jpeg_compressibility}]")
-    from rlds.rewards import REWARDS  # late: rewards import torch
-    for i, r in enumerate(t.rewards):
-        if r.name not in REWARDS and ":" not in r.name:
-            fail(f"{rewards_key}[{i}].name", f"unknown reward {r.name!r}; built in: "
-                 f"{', '.join(sorted(REWARDS))}, or a package.module:ClassName")
-        if r.num_actors < 1:
-            fail(f"{rewards_key}[{i}].num_actors", "must be at least 1")
-    p = t.prompts
-    given = [k for k in ("items", "file", "shapes") if getattr(p, k)]
-    if len(given) != 1:
-        fail(f"{key}prompts", f"give one of {key}prompts.items (a list), {key}prompts.file (one prompt a "
-             f"line) or {key}prompts.shapes (composition, fairness or quality); got {given or 'none'}")
-    from rlds.data.shapes import TASKS
-
-    if p.shapes and p.shapes not in TASKS:
-        fail(f"{key}prompts.shapes", f"{p.shapes!r} is not one of {', '.join(TASKS)}")
-    if p.file and not Path(p.file).is_file():
-        fail(f"{key}prompts.file", f"file not found: {p.file}")
+def _check_task_sizes(t: TaskConfig, key: str, c: Config, fail: Fail) -> None:
+    """One task's sizes; `key` is its dotted prefix ("" for a single-task config)."""
     s = c.sampler
     group_key = f"{key}images_per_prompt" if key else "sampler.images_per_prompt"
     size_key = f"{key}batch_size" if key else "algo.batch_size"
+    if t.images_per_prompt < 1:
+        fail(group_key, "must be at least 1")
     if s.batch_size % t.images_per_prompt:
         fail("sampler.batch_size", f"{s.batch_size} is not a multiple of {group_key} ({t.images_per_prompt})")
     if t.batch_size < s.batch_size or t.batch_size % s.batch_size:
@@ -385,12 +389,13 @@ def _check_task(t: TaskConfig, key: str, c: Config, fail) -> None:
     if chunks % c.learner.num_workers:
         fail("learner.num_workers", f"the {chunks} sampler batches of {size_key} ({size_key} / "
              f"sampler.batch_size) must split evenly over {c.learner.num_workers} learners")
-    advantage_key = f"{key}advantage" if key and t.advantage else "algo.advantage"
-    advantage = t.advantage or c.algo.advantage  # task_list resolves it the same way
-    if advantage not in ADVANTAGES:
-        fail(advantage_key, f"{advantage!r} is not one of {', '.join(ADVANTAGES)}")
-    if advantage == "group" and t.images_per_prompt < 2:
-        fail(advantage_key, f"'group' needs {group_key} of 2 or more")
+
+
+def task_sections(c: Config) -> list[tuple[str, TaskConfig]]:
+    """(dotted prefix, task) of each task, the prefix "" for a single-task config's one task."""
+    if c.tasks:
+        return [(f"tasks[{i}].", t) for i, t in enumerate(task_list(c))]
+    return [("", task_list(c)[0])]
 
 
 def task_list(c: Config) -> list[TaskConfig]:
@@ -398,7 +403,7 @@ def task_list(c: Config) -> list[TaskConfig]:
     advantage mode resolved (a task without one uses algo.advantage)."""
     if c.tasks:
         return [dataclasses.replace(t, advantage=t.advantage or c.algo.advantage) for t in c.tasks]
-    return [TaskConfig(name=c.name, prompts=c.prompts, rewards=c.rewards, batch_size=c.algo.batch_size,
+    return [TaskConfig(name=c.name, prompts=c.prompts, rewards=c.rewards, batch_size=global_batch_size(c),
                        images_per_prompt=c.sampler.images_per_prompt, advantage=c.algo.advantage)]
 
 
@@ -408,20 +413,3 @@ def to_dict(c: Config) -> dict:
 
 def dump_config(c: Config, path: Path) -> None:
     path.write_text(yaml.safe_dump(to_dict(c), sort_keys=False))
-
-
-def prompt_list(c: Config | TaskConfig) -> list[str]:
-    """The training prompts of a single-task config, or of one task."""
-    p = c.prompts
-    if p.shapes:
-        from rlds.data.shapes import training_prompts
-
-        return training_prompts(p.shapes)
-    if p.file:
-        lines = Path(p.file).read_text().splitlines()
-        prompts = [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
-    else:
-        prompts = list(p.items)
-    if not prompts:
-        raise ConfigError(f"prompts: no prompts found in {p.file or 'prompts.items'}")
-    return prompts

@@ -17,13 +17,16 @@ import ray
 
 from rlds.algo.advantages import PerPromptStatTracker, compute_advantages
 from rlds.checkpoint import read_checkpoint, save_checkpoint
-from rlds.config import Config, dump_config, prompt_list, task_list
+from rlds.config import Config, dump_config, task_list
+from rlds.data.prompts import prompt_list
 from rlds.distributed.learner import LearnerGroup
+from rlds.distributed.protocol import TrainingBatch, UpdateResult
 from rlds.distributed.replay import ReplayStore, next_batch
 from rlds.distributed.reward import RewardPool
 from rlds.distributed.sampler import SamplerActor, SamplerTask
 from rlds.distributed.weights import WeightStore
 from rlds.metrics import MetricsWriter, read_metrics, save_grid
+from rlds.stats import timer
 
 log = logging.getLogger("rlds")
 MAX_SAMPLER_RESTARTS = 3
@@ -122,51 +125,51 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
 
-    def _rewards(self, batch: dict) -> np.ndarray:
-        """Each sampler batch's weighted sum of its task's rewards, concatenated."""
-        return np.concatenate([sum(r.weight * scores[r.name] for r in self.tasks[t].rewards)
-                               for t, scores in zip(batch["tasks"], batch["scores"])])
+    def _rewards(self, batch: TrainingBatch) -> np.ndarray:
+        """Each sampler batch's weighted sum of its task's rewards, concatenated: [len(batch)]."""
+        return np.concatenate([sum(r.weight * part.scores[r.name] for r in self.tasks[part.task].rewards)
+                               for part in batch.parts])
 
-    def _update(self, batch: dict, iteration: int) -> dict:
+    def _update(self, batch: TrainingBatch, iteration: int) -> UpdateResult:
+        """Advantages over the global batch, the learners' update, and the iteration's statistics
+        (reward figures included); `lost` when the batch could not be trained."""
         c = self.config
         rewards = self._rewards(batch)
-        task_ids = np.repeat(batch["tasks"], c.sampler.batch_size)
+        task_ids = np.concatenate([np.full(len(p), p.task) for p in batch.parts])
         advantages = compute_advantages(rewards, [t.advantage for t in self.tasks], c.algo.advantage_clip,
-                                        batch["prompt_ids"], batch["group_ids"], task_ids, self.tracker)
-        calls = self.learners.update(batch["traj_refs"], advantages, batch["tasks"], iteration)
+                                        batch.prompt_ids, batch.group_ids, task_ids, self.tracker)
+        calls = self.learners.update(batch, advantages, iteration)
         done, _ = ray.wait(calls, num_returns=len(calls), timeout=c.ray.actor_timeout_s)
         if len(done) < len(calls):
             raise TimeoutError(f"the learners did not finish iteration {iteration} in "
                                f"{c.ray.actor_timeout_s} s (ray.actor_timeout_s)")
-        per_rank = ray.get(calls)
-        if any("lost" in s for s in per_rank):
-            return None
-        keys = {k for s in per_rank for k in s}
-        stats = {k: float(np.mean([s[k] for s in per_rank if k in s])) for k in sorted(keys)}
-        stats["ratio/min"] = min(s["ratio/min"] for s in per_rank)
-        stats["ratio/max"] = max(s["ratio/max"] for s in per_rank)
+        result = UpdateResult.reduce(ray.get(calls))
+        if result.lost:
+            return result
+        stats = result.stats
         stats["reward/mean"] = float(np.mean(rewards))
         stats["reward/std"] = float(np.std(rewards))
         for t, task in enumerate(self.tasks):
-            scores = [s for k, s in zip(batch["tasks"], batch["scores"]) if k == t]
+            parts = [p for p in batch.parts if p.task == t]
             prefix = "reward/" if len(self.tasks) == 1 else f"reward/{task.name}/"
             if len(self.tasks) > 1:
                 stats[f"{prefix}mean"] = float(np.mean(rewards[task_ids == t]))
             for r in task.rewards:
-                stats[f"{prefix}{r.name}/mean"] = float(np.mean(np.concatenate([s[r.name] for s in scores])))
+                stats[f"{prefix}{r.name}/mean"] = float(np.mean(np.concatenate([p.scores[r.name] for p in parts])))
         stats["advantage/abs_mean"] = float(np.mean(np.abs(advantages)))
-        return stats
+        return result
 
-    def _save_grid(self, run_dir: Path, batch: dict, iteration: int) -> None:
+    def _save_grid(self, run_dir: Path, batch: TrainingBatch, iteration: int) -> None:
         """Up to 16 samples of this batch with their rewards, an equal share from each task."""
-        n, share = self.config.sampler.batch_size, max(1, 16 // len(self.tasks))
+        share = max(1, 16 // len(self.tasks))
         rewards = self._rewards(batch)
+        offsets = np.cumsum([0] + [len(p) for p in batch.parts])
         images, captions = [], []
         for t in range(len(self.tasks)):
-            i = batch["tasks"].index(t)  # the task's first sampler batch
-            traj = ray.get(batch["traj_refs"][i][0])
+            i = batch.tasks.index(t)  # the task's first sampler batch
+            traj = ray.get(batch.parts[i].trajectory)
             images.append(traj.images[:share])
-            captions += [f"{p} ({r:.3g})" for p, r in zip(traj.prompts[:share], rewards[i * n:i * n + share])]
+            captions += [f"{p} ({r:.3g})" for p, r in zip(traj.prompts[:share], rewards[offsets[i]:offsets[i] + share])]
         save_grid(np.concatenate(images), captions, run_dir / "samples" / f"iter_{iteration:06d}.png")
 
     def _checkpoint(self, run_dir: Path, iteration: int, samples: int) -> Path:
@@ -212,21 +215,23 @@ class Trainer:
         last = time.perf_counter()
         for it in range(start, c.iterations):
             self._check_samplers()
-            wait_start = time.perf_counter()
-            stats = None
-            while stats is None:  # a batch whose sampler died in between is dropped and replaced
-                batch = next_batch(self.store, it, c.ray.actor_timeout_s, self._check_samplers)
-                stats = self._update(batch, it)
-                if stats is None:
+            times: dict = {}
+            with timer("time/wait_batch_s", times):
+                while True:  # a batch whose sampler died in between is dropped and replaced
+                    batch = next_batch(self.store, it, c.ray.actor_timeout_s, self._check_samplers)
+                    result = self._update(batch, it)
+                    if not result.lost:
+                        break
                     ray.get(self.store.batch_lost.remote())
                     self._check_samplers()
             self.store.new_version.remote(it + 1)  # samplers start on v+1 while we write metrics
-            wait_s = time.perf_counter() - wait_start - stats["time/update_s"]
+            stats = result.stats
+            wait_s = times["time/wait_batch_s"] - stats["time/update_s"]
             samples += c.algo.batch_size
             now = time.perf_counter()
             store = ray.get(self.store.stats.remote())
             row = {"iteration": it + 1, "samples": samples, **stats,
-                   "policy_lag/max": max(batch["lags"]), "policy_lag/mean": float(np.mean(batch["lags"])),
+                   "policy_lag/max": max(batch.lags), "policy_lag/mean": float(np.mean(batch.lags)),
                    "time/iteration_s": now - last, "time/wait_batch_s": wait_s,
                    "time/learner_idle_ratio": wait_s / (now - last),
                    "throughput/samples_per_s": c.algo.batch_size / (now - last),

@@ -32,7 +32,7 @@ def ray_local():
 @pytest.fixture(scope="session")
 def tiny_config():
     """A small, fast end-to-end config; tests override what they exercise."""
-    from rlds.config import load_config
+    from rlds.configure import load_config
 
     def make(*overrides, path="configs/tiny.yaml"):
         base = ("iterations=4", "sampling.num_steps=6", "algo.batch_size=8", "sampler.batch_size=4",

@@ -3,7 +3,6 @@ import pytest
 import torch
 
 from rlds.algo import PerPromptStatTracker, clipped_policy_loss, compute_advantages, lr_factor
-from rlds.config import AlgoConfig
 
 
 def test_batch_advantages_are_normalised_and_clamped():
@@ -57,9 +56,31 @@ def test_clipped_loss_stops_the_gradient_outside_the_trust_region():
 
 
 def test_learning_rate_schedules():
-    cfg = AlgoConfig(lr_schedule="linear", warmup_iterations=2)
-    assert lr_factor(cfg, 0, 10) == 0.5 and lr_factor(cfg, 1, 10) == 1.0
-    assert lr_factor(cfg, 10, 10) == 0.0
-    cfg = AlgoConfig(lr_schedule="cosine")
-    assert lr_factor(cfg, 5, 10) == pytest.approx(0.5)
-    assert lr_factor(AlgoConfig(), 7, 10) == 1.0
+    assert lr_factor("linear", 0, 10, warmup=2) == 0.5 and lr_factor("linear", 1, 10, warmup=2) == 1.0
+    assert lr_factor("linear", 10, 10, warmup=2) == 0.0
+    assert lr_factor("cosine", 5, 10) == pytest.approx(0.5)
+    assert lr_factor("constant", 7, 10) == 1.0
+
+
+def test_metrics_reduce_by_one_rule_and_lost_updates_have_no_statistics():
+    from rlds.distributed.protocol import UpdateResult
+    from rlds.stats import reduce_metrics
+
+    rows = [{"loss": 1.0, "ratio/min": 0.9, "ratio/max": 1.1}, {"loss": 3.0, "ratio/min": 0.8, "ratio/max": 1.3,
+                                                               "time/publish_s": 0.5}]
+    assert reduce_metrics(rows) == {"loss": 2.0, "ratio/max": 1.3, "ratio/min": 0.8, "time/publish_s": 0.5}
+    ranks = [UpdateResult(rows[0]), UpdateResult(rows[1])]
+    assert UpdateResult.reduce(ranks) == UpdateResult(reduce_metrics(rows))
+    lost = UpdateResult.reduce(ranks + [UpdateResult(lost=True)])
+    assert lost.lost and lost.stats == {}
+
+
+def test_every_registry_rejects_what_it_does_not_know():
+    from rlds.algo import ADVANTAGES, LR_SCHEDULES, OBJECTIVES
+
+    assert set(ADVANTAGES) == {"batch", "per_prompt", "group"} and set(LR_SCHEDULES) == {"constant", "linear", "cosine"}
+    assert "ppo" in OBJECTIVES
+    with pytest.raises(ValueError, match="unknown advantage mode 'grouped'"):
+        compute_advantages(np.ones(2), "grouped", 10, np.zeros(2))
+    with pytest.raises(ValueError, match="need a PerPromptStatTracker"):
+        compute_advantages(np.ones(2), "per_prompt", 10, np.zeros(2))

@@ -1,6 +1,7 @@
 import pytest
 
-from rlds.config import ConfigError, load_config
+from rlds.config import ConfigError
+from rlds.configure import load_config
 
 
 def write(tmp_path, text):
@@ -82,7 +83,7 @@ def test_shipped_configs_load():
 
 
 def test_prompts_come_from_exactly_one_source(tmp_path):
-    from rlds.config import prompt_list
+    from rlds.data.prompts import prompt_list
 
     c = load_config(write(tmp_path, "prompts: {shapes: composition}\nrewards: [{name: shapes_composition}]\n"))
     assert prompt_list(c) and all(isinstance(p, str) for p in prompt_list(c))
@@ -122,3 +123,51 @@ def test_tasks_make_the_batch_and_are_checked_one_by_one(tmp_path):
     c = load_config(write(tmp_path, BASE + "algo: {batch_size: 8}\nsampler: {batch_size: 4}\n"))
     (task,) = task_list(c)
     assert task.batch_size == 8 and task.rewards[0].name == "brightness"
+
+
+def test_the_config_module_knows_nothing_of_the_project():
+    import subprocess
+    import sys
+
+    code = "import sys, rlds.config; print(sorted(m for m in sys.modules if m.startswith('rlds.')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['rlds.config']"
+
+
+def test_derived_defaults_are_filled_in_and_explicit_values_are_checked_not_replaced(tmp_path):
+    from rlds.config import dump_config
+
+    c = load_config(write(tmp_path, TASKS))
+    assert c.algo.batch_size == 16  # the tasks' sum, filled in
+    dump_config(c, tmp_path / "resolved.yaml")
+    assert load_config(str(tmp_path / "resolved.yaml")) == c  # config.yaml loads back as the same config
+    with pytest.raises(ConfigError, match=r"algo\.batch_size: with tasks it is the sum .* \(16\), not 8"):
+        load_config(write(tmp_path, TASKS + "algo: {batch_size: 8}\n"))
+    assert load_config(write(tmp_path, BASE)).algo.batch_size == 16
+    assert load_config(write(tmp_path, BASE + "algo: {batch_size: 8}\n")).algo.batch_size == 8
+
+
+def test_each_part_checks_its_own_choice(tmp_path):
+    with pytest.raises(ConfigError, match=r"run\.yaml: algo\.objective: 'dpo' is not one of ppo"):
+        load_config(write(tmp_path, BASE + "algo: {objective: dpo}\n"))
+    with pytest.raises(ConfigError, match=r"algo\.lr_schedule: 'step' is not one of constant, linear, cosine"):
+        load_config(write(tmp_path, BASE + "algo: {lr_schedule: step}\n"))
+    with pytest.raises(ConfigError, match=r"algo\.advantage: 'group' needs sampler\.images_per_prompt of 2"):
+        load_config(write(tmp_path, BASE + "algo: {advantage: group}\n"))
+    with pytest.raises(ConfigError, match=r"model\.dtype: 'fp8' is not one of float32, bfloat16, float16"):
+        load_config(write(tmp_path, BASE + "model: {dtype: fp8}\n"))
+    with pytest.raises(ConfigError, match=r"algo\.timesteps_per_iteration: must be between 1 and the 10"):
+        load_config(write(tmp_path, BASE + "sampling: {num_steps: 20}\nalgo: {noisiest_fraction: 0.5, "
+                                                "timesteps_per_iteration: 12}\n"))
+
+
+def test_changes_made_in_code_are_checked_like_a_file():
+    from rlds.configure import with_changes
+
+    c = load_config(None, ("prompts.items=[a cat]", "rewards=[{name: brightness}]"))
+    changed = with_changes(c, {"replay.max_staleness": 1, "sampler.num_workers": 3})
+    assert (changed.replay.max_staleness, changed.sampler.num_workers, c.replay.max_staleness) == (1, 3, 0)
+    with pytest.raises(ConfigError, match=r"a config changed in code: replay\.max_staleness: must be 0 or more"):
+        with_changes(c, {"replay.max_staleness": -1})
+    with pytest.raises(ConfigError, match=r"algo\.nope: unknown key"):
+        with_changes(c, {"algo.nope": 1})

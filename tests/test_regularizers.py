@@ -4,7 +4,8 @@ import torch
 
 from rlds.algo import make_optimizer
 from rlds.algo.regularizers import pretrain_step, pretraining_loss
-from rlds.config import AlgoConfig, ConfigError, ModelConfig, load_config
+from rlds.config import AlgoConfig, ConfigError, ModelConfig
+from rlds.configure import load_config
 from rlds.data.pretrain_set import PretrainSet, write_pretrain_set
 from rlds.policy import load_policy
 

@@ -6,9 +6,10 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def add(ray, store, sampler, version, scores, n=2, task=0):
-    wrapped = {name: [ref] for name, ref in scores.items()}
-    ray.get(store.add.remote(sampler, task, [ray.put(np.zeros(n))], wrapped, version,
-                             np.zeros(n, np.int64), np.arange(n)))
+    from rlds.distributed.protocol import SampledBatch
+
+    batch = SampledBatch(sampler, task, ray.put(np.zeros(n)), scores, version, np.zeros(n, np.int64), np.arange(n))
+    ray.get(store.add.remote(batch))
 
 
 def test_backpressure_staleness_and_batches(ray_local):
@@ -38,7 +39,7 @@ def test_get_batch_times_out_without_consuming(ray_local):
     assert ray.get(store.reserve.remote("s", 2, 0))[0] == "ok"
     add(ray, store, "s", 0, {"r": ray.put(np.full(2, 2.0, np.float32))})
     batch = ray.get(store.get_batch.remote(0, 5.0))
-    assert batch is not None and [list(s["r"]) for s in batch["scores"]] == [[1, 1], [2, 2]]
+    assert batch is not None and [list(p.scores["r"]) for p in batch.parts] == [[1, 1], [2, 2]]
     assert ray.get(store.stats.remote())["consumed"] == 4
 
 
@@ -90,6 +91,6 @@ def test_tasks_fill_their_shares_and_batches_come_task_by_task(ray_local):
     assert ray.get(store.get_batch.remote(0, 0.2)) is None  # task 0 has 2 of its 4
     add(ray, store, "s", 0, {"a": ray.put(np.ones(2, np.float32))}, task=0)
     batch = ray.get(store.get_batch.remote(0, 5.0))
-    assert batch["tasks"] == [0, 0, 1]
-    assert [sorted(s) for s in batch["scores"]] == [["a"], ["a"], ["b"]]
+    assert batch.tasks == [0, 0, 1] and len(batch) == 6 and batch.lags == [0, 0, 0]
+    assert [sorted(p.scores) for p in batch.parts] == [["a"], ["a"], ["b"]]
     assert ray.get(store.stats.remote())["consumed"] == 6

@@ -12,7 +12,7 @@ All are clamped to +-clip. `task_ids` normalises each task's samples on their ow
 from __future__ import annotations
 
 from collections import defaultdict, deque
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -65,10 +65,33 @@ class PerPromptStatTracker:
             self.buffers[int(k)].extend(v)
 
 
+def _per_prompt(rewards, prompt_ids, group_ids, tracker: Optional[PerPromptStatTracker]) -> np.ndarray:
+    if tracker is None:
+        raise ValueError("per_prompt advantages need a PerPromptStatTracker")
+    return tracker.update(prompt_ids, rewards)
+
+
+# name -> estimator(rewards, prompt_ids, group_ids, tracker): the advantage modes a config may name
+ADVANTAGES: dict[str, Callable[..., np.ndarray]] = {
+    "batch": lambda rewards, prompt_ids, group_ids, tracker: batch_advantages(rewards),
+    "per_prompt": _per_prompt,
+    "group": lambda rewards, prompt_ids, group_ids, tracker: group_advantages(rewards, group_ids),
+}
+
+
+def check_advantage(mode: str, key: str, images_per_prompt: int, group_key: str, fail) -> None:
+    """A config's advantage mode at dotted `key`, for a task whose group size is at `group_key`."""
+    if mode not in ADVANTAGES:
+        fail(key, f"{mode!r} is not one of {', '.join(ADVANTAGES)}")
+    if mode == "group" and images_per_prompt < 2:
+        fail(key, f"'group' needs {group_key} of 2 or more")
+
+
 def compute_advantages(rewards: np.ndarray, mode: str | Sequence[str], clip: float, prompt_ids: np.ndarray,
                        group_ids: Optional[np.ndarray] = None, task_ids: Optional[np.ndarray] = None,
                        tracker: Optional[PerPromptStatTracker] = None) -> np.ndarray:
-    """Advantages of one global batch; `mode` is one for all, or one per task (indexed by task id)."""
+    """Advantages [B] float32 of one global batch of rewards [B]; `mode` is one for all, or one per
+    task (indexed by task id)."""
     rewards = np.asarray(rewards, dtype=np.float64)
     if task_ids is None:
         task_ids = np.zeros(len(rewards), dtype=np.int64)
@@ -76,12 +99,8 @@ def compute_advantages(rewards: np.ndarray, mode: str | Sequence[str], clip: flo
     for task in np.unique(task_ids):
         m = task_ids == task
         mode_t = mode if isinstance(mode, str) else mode[int(task)]
-        if mode_t == "batch":
-            out[m] = batch_advantages(rewards[m])
-        elif mode_t == "group":
-            out[m] = group_advantages(rewards[m], group_ids[m])
-        elif mode_t == "per_prompt":
-            out[m] = tracker.update(prompt_ids[m], rewards[m])
-        else:
-            raise ValueError(f"unknown advantage mode {mode_t!r}")
+        if mode_t not in ADVANTAGES:
+            raise ValueError(f"unknown advantage mode {mode_t!r}; modes: {', '.join(ADVANTAGES)}")
+        groups = None if group_ids is None else group_ids[m]
+        out[m] = ADVANTAGES[mode_t](rewards[m], prompt_ids[m], groups, tracker)
     return np.clip(out, -clip, clip).astype(np.float32)

@@ -6,7 +6,8 @@ import platform
 import time
 from pathlib import Path
 
-from rlds.config import Config
+from rlds.config import Config, to_dict
+from rlds.configure import with_changes
 
 PARTS = ("stages", "end_to_end", "sync_async", "overhead", "weights", "scaling")
 
@@ -39,16 +40,14 @@ def run_bench(config: Config, parts: tuple[str, ...], out: Path, balanced: Confi
                 results["end_to_end"] = core.end_to_end(config, iterations)
             elif part == "sync_async":
                 cfg = balanced or config
-                sync = core.end_to_end(core._with(cfg, **{"replay.max_staleness": 0}), iterations)
-                async_ = core.end_to_end(core._with(cfg, **{"replay.max_staleness": 1}), iterations)
+                sync = core.end_to_end(with_changes(cfg, {"replay.max_staleness": 0}), iterations)
+                async_ = core.end_to_end(with_changes(cfg, {"replay.max_staleness": 1}), iterations)
                 results["sync_async"] = {"config": cfg.name, "sync": sync, "async": async_,
                                          "async_over_sync": async_["trajectories_per_s"] / sync["trajectories_per_s"]}
             elif part == "overhead":
-                import dataclasses
-
-                cfg = core._with(config, **{"sampler.num_workers": 1, "learner.num_workers": 1,
-                                            "replay.max_staleness": 0})
-                cfg.rewards = [dataclasses.replace(r, num_actors=1) for r in cfg.rewards]
+                rewards = [{**to_dict(config)["rewards"][i], "num_actors": 1} for i in range(len(config.rewards))]
+                cfg = with_changes(config, {"sampler.num_workers": 1, "learner.num_workers": 1,
+                                            "replay.max_staleness": 0, "rewards": rewards})
                 rlds_run = core.end_to_end(cfg, iterations)
                 plain = core.plain_process(cfg, iterations)
                 results["overhead"] = {"rlds": rlds_run, "plain": plain,

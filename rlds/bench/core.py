@@ -4,7 +4,6 @@ trains (the same actors, the same update), timed after a warm-up.
 """
 from __future__ import annotations
 
-import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -12,28 +11,18 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from rlds.config import Config, prompt_list, task_list
-
-
-def _with(config: Config, **changes) -> Config:
-    """A copy of the config with dotted-key changes, e.g. {"replay.max_staleness": 1}."""
-    config = dataclasses.replace(config)
-    for key, value in changes.items():
-        *parents, leaf = key.split(".")
-        node = config
-        for part in parents:
-            child = dataclasses.replace(getattr(node, part))
-            setattr(node, part, child)
-            node = child
-        setattr(node, leaf, value)
-    return config
+from rlds.config import Config, task_list
+from rlds.configure import with_changes
+from rlds.data.prompts import prompt_list
+from rlds.distributed.protocol import PublishedWeights, ScoredBatch, TrainingBatch
+from rlds.stats import timer
 
 
 def _publish_initial(config: Config, weights) -> None:
     from rlds.policy import flatten_trainable, load_policy
 
     policy = load_policy(config.model)
-    ray.get(weights.publish.remote(0, [ray.put(flatten_trainable(policy.unet))]))
+    ray.get(weights.publish.remote(PublishedWeights(0, ray.put(flatten_trainable(policy.unet)))))
 
 
 def sampler_stage(config: Config, batches: int = 4) -> dict:
@@ -51,12 +40,12 @@ def sampler_stage(config: Config, batches: int = 4) -> dict:
     actors = [SamplerActor.options(num_cpus=config.sampler.num_cpus).remote(
         i, config, tasks, store, weights) for i in range(n)]
     ray.get([a.run.remote(max_batches=1) for a in actors])  # warm-up
-    start = time.perf_counter()
-    ray.get([a.run.remote(max_batches=1 + batches) for a in actors])
-    elapsed = time.perf_counter() - start
+    took: dict = {}
+    with timer("s", took):
+        ray.get([a.run.remote(max_batches=1 + batches) for a in actors])
     for a in actors + [store, weights]:
         ray.kill(a)
-    return {"trajectories_per_s": n * per * batches / elapsed, "samplers": n, "seconds": elapsed}
+    return {"trajectories_per_s": n * per * batches / took["s"], "samplers": n, "seconds": took["s"]}
 
 
 def reward_stage(config: Config, calls_per_actor: int = 8) -> dict:
@@ -83,11 +72,10 @@ def _score_stage(task, traj, groups: np.ndarray, calls_per_actor: int, config: C
     for rc in task.rewards:
         pool = RewardPool(rc, config.torch_threads)
         ray.get([pool.score(images, traj.prompts, groups, k) for k in range(len(pool.actors))])  # warm-up
-        calls = calls_per_actor * len(pool.actors)
-        start = time.perf_counter()
-        ray.get([pool.score(images, traj.prompts, groups, k) for k in range(calls)])
-        elapsed = time.perf_counter() - start
-        out[rc.name] = {"images_per_s": calls * per / elapsed, "actors": len(pool.actors)}
+        calls, took = calls_per_actor * len(pool.actors), {}
+        with timer("s", took):
+            ray.get([pool.score(images, traj.prompts, groups, k) for k in range(calls)])
+        out[rc.name] = {"images_per_s": calls * per / took["s"], "actors": len(pool.actors)}
         for a in pool.actors:
             ray.kill(a)
     return out
@@ -105,22 +93,23 @@ def learner_stage(config: Config, updates: int = 3) -> dict:
     policy = load_policy(config.model)
     per, total = config.sampler.batch_size, config.algo.batch_size
     prompts = prompt_list(task_list(config)[0])
-    refs = [[ray.put(sample_trajectories(policy, [prompts[(b * per + i) % len(prompts)] for i in range(per)],
-                                         config.sampling, seeds=list(range(b * per, (b + 1) * per))))]
-            for b in range(total // per)]
+    parts = [ScoredBatch("bench", 0, ray.put(sample_trajectories(
+                 policy, [prompts[(b * per + i) % len(prompts)] for i in range(per)], config.sampling,
+                 seeds=list(range(b * per, (b + 1) * per)))), {}, 0, np.zeros(per, np.int64), np.arange(per),
+                 time.time())
+             for b in range(total // per)]
     advantages = np.random.default_rng(0).standard_normal(total).astype(np.float32)
     weights = WeightStore.remote()
     group = LearnerGroup(config, weights)
-    tasks = [0] * len(refs)
-    ray.get(group.update(refs, advantages, tasks, 0))  # warm-up
-    start = time.perf_counter()
-    for it in range(1, 1 + updates):
-        ray.get(group.update(refs, advantages, tasks, it))
-    elapsed = time.perf_counter() - start
+    ray.get(group.update(TrainingBatch(parts, 0), advantages, 0))  # warm-up
+    took: dict = {}
+    with timer("s", took):
+        for it in range(1, 1 + updates):
+            ray.get(group.update(TrainingBatch(parts, it), advantages, it))
     group.shutdown()
     ray.kill(weights)
-    return {"trajectories_per_s": total * updates / elapsed, "learners": group.size,
-            "update_s": elapsed / updates}
+    return {"trajectories_per_s": total * updates / took["s"], "learners": group.size,
+            "update_s": took["s"] / updates}
 
 
 def end_to_end(config: Config, iterations: int = 8, warmup: int = 2) -> dict:
@@ -129,8 +118,8 @@ def end_to_end(config: Config, iterations: int = 8, warmup: int = 2) -> dict:
     from rlds.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
-        run = _with(config, iterations=iterations + warmup, run_dir=tmp, checkpoint_every=10**6,
-                    sample_grid_every=0, resume=None)
+        run = with_changes(config, {"iterations": iterations + warmup, "run_dir": tmp,
+                                    "checkpoint_every": 10**6, "sample_grid_every": 0, "resume": None})
         Trainer(run, progress=False).run()
         rows = read_metrics(Path(tmp) / "metrics.jsonl")[warmup:]
     seconds = sum(r["time/iteration_s"] for r in rows)
@@ -155,22 +144,20 @@ def plain_process(config: Config, iterations: int = 8, warmup: int = 2) -> dict:
     prompts = prompt_list(task)
     per, total = config.sampler.batch_size, config.algo.batch_size
     rng = np.random.default_rng(config.seed)
-    times = []
+    times: dict = {}
     for it in range(iterations + warmup):
-        start = time.perf_counter()
-        trajs, scores = [], []
-        for _ in range(total // per):
-            chosen = [prompts[i] for i in rng.integers(len(prompts), size=per)]
-            traj = sample_trajectories(policy, chosen, config.sampling, seeds=rng.integers(2**62, size=per))
-            trajs.append(traj)
-            scores.append(sum(w * f(traj.images, chosen, np.arange(per)) for f, w in rewards))
-        adv = compute_advantages(np.concatenate(scores), config.algo.advantage, config.algo.advantage_clip,
-                                 np.zeros(total, np.int64), np.arange(total))
-        policy.scheduler.set_timesteps(config.sampling.num_steps)
-        ppo_update(policy, trajs, np.split(adv, len(trajs)), opt, config.algo, rng)
-        times.append(time.perf_counter() - start)
-    seconds = sum(times[warmup:])
-    return {"trajectories_per_s": total * iterations / seconds, "iteration_s": seconds / iterations}
+        with timer("s" if it >= warmup else "warmup_s", times):
+            trajs, scores = [], []
+            for _ in range(total // per):
+                chosen = [prompts[i] for i in rng.integers(len(prompts), size=per)]
+                traj = sample_trajectories(policy, chosen, config.sampling, seeds=rng.integers(2**62, size=per))
+                trajs.append(traj)
+                scores.append(sum(w * f(traj.images, chosen, np.arange(per)) for f, w in rewards))
+            adv = compute_advantages(np.concatenate(scores), config.algo.advantage, config.algo.advantage_clip,
+                                     np.zeros(total, np.int64), np.arange(total))
+            policy.scheduler.set_timesteps(config.sampling.num_steps)
+            ppo_update(policy, trajs, np.split(adv, len(trajs)), opt, config.algo, rng)
+    return {"trajectories_per_s": total * iterations / times["s"], "iteration_s": times["s"] / iterations}
 
 
 @ray.remote(num_cpus=0)
@@ -188,9 +175,9 @@ class WeightReceiver:
         from rlds.policy import load_flat_trainable
 
         start = time.perf_counter()
-        version, (ref,) = ray.get(self.weights.newer_than.remote(self.version))
-        load_flat_trainable(self.module, ray.get(ref), share=self.share)
-        self.version = version
+        newer = ray.get(self.weights.newer_than.remote(self.version))
+        load_flat_trainable(self.module, ray.get(newer.flat), share=self.share)
+        self.version = newer.version
         return time.perf_counter() - start
 
 
@@ -216,7 +203,7 @@ def weight_publication(size_bytes: int, receivers: int = 4, repeats: int = 3) ->
         for version in range(repeats):
             src[0] = version  # a new state each time
             start = time.perf_counter()
-            ray.get(weights.publish.remote(version, [ray.put(src)]))  # what rank 0 does
+            ray.get(weights.publish.remote(PublishedWeights(version, ray.put(src))))  # what rank 0 does
             ray.get([a.pull.remote() for a in actors])
             times.append(time.perf_counter() - start)
         key = "zero_copy" if share else "copy"

@@ -29,11 +29,13 @@ import numpy as np
 import ray
 
 from rlds.config import Config, SamplerConfig
+from rlds.distributed.protocol import LearnerShard, PublishedWeights, UpdateResult
 from rlds.distributed.replay import ReplayStore, next_batch
-from rlds.distributed.sampler import SamplerLoop, SamplerTask
-from rlds.policy.sampling import Trajectory
 from rlds.distributed.reward import RewardPool
+from rlds.distributed.sampler import SamplerLoop, SamplerTask
 from rlds.distributed.weights import WeightStore
+from rlds.policy.sampling import Trajectory
+from rlds.stats import timer
 
 HEAD_RESOURCE = "sim_head"  # the head node: store, weights, learner, reward actors
 NODE_RESOURCE = "sim_node"  # a sampler slot on any worker node; sim_node_<i> pins to node i
@@ -110,21 +112,21 @@ class ModelledLearner:
         self.weights = np.zeros(weight_values, dtype=np.float32)
 
     def publish(self, version: int) -> float:
-        start = time.perf_counter()
-        self.weights += 1.0  # a new version of the flat buffer
-        ref = ray.put(self.weights)
-        ray.get(self.weight_store.publish.remote(version, [ref]))
-        return time.perf_counter() - start
+        took: dict = {}
+        with timer("publish", took):
+            self.weights += 1.0  # a new version of the flat buffer
+            ray.get(self.weight_store.publish.remote(PublishedWeights(version, ray.put(self.weights))))
+        return took["publish"]
 
-    def update(self, wrapped_refs: list, advantages: list, iteration: int) -> dict:
-        start = time.perf_counter()
-        trajectories = ray.get([w[0] for w in wrapped_refs])
-        fetch_s = time.perf_counter() - start
-        assert len(trajectories) == len(advantages)
-        time.sleep(self.update_cost_s)
-        publish_s = self.publish(iteration + 1)
-        return {"time/fetch_s": fetch_s, "time/publish_s": publish_s,
-                "time/update_s": time.perf_counter() - start}
+    def update(self, shard: LearnerShard) -> UpdateResult:
+        times: dict = {}
+        with timer("time/update_s", times):
+            with timer("time/fetch_s", times):
+                trajectories = shard.fetch()
+            assert trajectories is not None and len(trajectories) == len(shard.advantages)
+            time.sleep(self.update_cost_s)
+            times["time/publish_s"] = self.publish(shard.iteration + 1)
+        return UpdateResult(times)
 
 
 # ---------------------------------------------------------------------- one trial
@@ -132,7 +134,7 @@ class ModelledLearner:
 
 def _trial(samplers: list, tasks: list, n: int, batch_size: int, global_batch: int, warmup: int,
            iterations: int, max_staleness: int, update_cost_s: float, weight_values: int,
-           timeout_s: float, epoch: int) -> dict:
+           timeout_s: float, trial: int) -> dict:
     import psutil
 
     from rlds.algo.advantages import compute_advantages
@@ -147,24 +149,26 @@ def _trial(samplers: list, tasks: list, n: int, batch_size: int, global_batch: i
         ray.get(learner.publish.remote(0), timeout=timeout_s)
         psutil.cpu_percent(None)
         start = time.perf_counter()
-        ray.get([s.attach.remote(store, weights, tasks, epoch) for s in samplers[:n]], timeout=timeout_s)
+        # each trial attaches as if resumed at another iteration, so that it draws new seeds
+        ray.get([s.attach.remote(store, weights, tasks, trial) for s in samplers[:n]], timeout=timeout_s)
         loops = [s.run.remote() for s in samplers[:n]]
         done_at, lags, update_s, wait_s = [], [], [], []
         for it in range(warmup + iterations):
             t0 = time.perf_counter()
             batch = next_batch(store, it, timeout_s)
             wait_s.append(time.perf_counter() - t0)
-            rewards = np.concatenate([sum(s.values()) for s in batch["scores"]])
-            adv = compute_advantages(rewards, "batch", 10.0, batch["prompt_ids"], batch["group_ids"])
-            sizes = np.cumsum([0] + [batch_size] * len(batch["traj_refs"]))
-            advs = [adv[sizes[i]:sizes[i + 1]] for i in range(len(batch["traj_refs"]))]
-            call = learner.update.remote(batch["traj_refs"], advs, it)
+            rewards = np.concatenate([sum(p.scores.values()) for p in batch.parts])
+            adv = compute_advantages(rewards, "batch", 10.0, batch.prompt_ids, batch.group_ids)
+            sizes = np.cumsum([0] + [len(p) for p in batch.parts])
+            shard = LearnerShard(batch.trajectories, [adv[sizes[i]:sizes[i + 1]] for i in range(len(batch.parts))],
+                                 batch.tasks, it)
+            call = learner.update.remote(shard)
             ready, _ = ray.wait([call], timeout=timeout_s)
             if not ready:
                 raise TimeoutError(f"the modelled learner did not finish iteration {it} in {timeout_s} s")
-            update_s.append(ray.get(call)["time/update_s"])
+            update_s.append(ray.get(call).stats["time/update_s"])
             done_at.append(time.perf_counter())
-            lags.extend(batch["lags"])
+            lags.extend(batch.lags)
         window = done_at[-1] - done_at[warmup - 1] if warmup else done_at[-1] - start
         throughput = iterations * global_batch / window
         cpu = psutil.cpu_percent(None)  # the whole machine's, over the trial
@@ -271,14 +275,14 @@ def run_scaling(sampler_counts: Sequence[int] = (1, 2, 4, 8, 16), nodes: int = 4
         result["memory_used_gb"] = round((mem_before - psutil.virtual_memory().available) / 2**30, 2)
 
         trials = []
-        for epoch, n in enumerate(counts):
+        for trial, n in enumerate(counts):
             elapsed = time.perf_counter() - wall_start
             estimate = (warmup + iterations) * sample_cost_s * 1.5 + 5
             if trials and elapsed + estimate > time_budget_s:
                 notes.append(f"skipped {n}+ samplers: {elapsed:.0f} s of the {time_budget_s:.0f} s budget spent")
                 break
             trials.append(_trial(samplers, tasks, n, batch_size, n * batch_size, warmup, iterations,
-                                 max_staleness, update_cost_s, weight_values, timeout_s, epoch))
+                                 max_staleness, update_cost_s, weight_values, timeout_s, trial))
         saturated = [t["samplers"] for t in trials if t["cpu_percent"] >= 90]
         if saturated:
             notes.append(f"this machine's {os.cpu_count()} CPUs were >= 90% busy (machine-wide, other work "

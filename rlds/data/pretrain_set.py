@@ -95,6 +95,22 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RLDS_CACHE", Path.home() / ".cache" / "rlds"))
 
 
+def check_pretrain_data(algo, fail) -> None:
+    """algo.pretrain_data, when algo.pretrain_beta turns L_pre on."""
+    if algo.pretrain_beta <= 0:
+        return
+    if not algo.pretrain_data:
+        fail("algo.pretrain_data", "algo.pretrain_beta > 0 needs an image-caption Parquet file or folder "
+             "(or `shapes`: the ShapesWorld set, written on first use)")
+    if algo.pretrain_data != "shapes" and not Path(algo.pretrain_data).exists():
+        fail("algo.pretrain_data", f"not found: {algo.pretrain_data}")
+
+
+def regulariser_path(name: str) -> Path:
+    """The file algo.pretrain_data names: `shapes` is ShapesWorld's own set, anything else a path."""
+    return shapes_regulariser_set() if name == "shapes" else Path(name)
+
+
 def shapes_regulariser_set() -> Path:
     """The ShapesWorld L_pre set, written on first use (~14 s) to the cache, and reused after.
 

@@ -7,7 +7,7 @@ publishes the new weights with a version.
 from __future__ import annotations
 
 import socket
-import time
+from dataclasses import replace
 from datetime import timedelta
 
 import numpy as np
@@ -16,6 +16,8 @@ from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rlds.config import Config
+from rlds.distributed.protocol import LearnerShard, PublishedWeights, TrainingBatch, UpdateResult
+from rlds.stats import reduce_metrics, timer
 
 
 @ray.remote
@@ -44,7 +46,7 @@ class LearnerActor:
         import torch.distributed as dist
         from torch.nn.parallel import DistributedDataParallel
 
-        from rlds.algo import make_optimizer
+        from rlds.algo.ppo import make_optimizer
         from rlds.policy import load_policy
         from rlds.policy.pipeline import DTYPES
 
@@ -61,11 +63,11 @@ class LearnerActor:
         algo = self.config.algo
         self.pretrain_batches = None
         if algo.pretrain_beta > 0:
-            from rlds.data.pretrain_set import PretrainSet, shapes_regulariser_set
+            from rlds.data.pretrain_set import PretrainSet, regulariser_path
 
             factor = 2 ** (len(self.policy.vae.config.block_out_channels) - 1) if self.policy.vae else 1
-            path = shapes_regulariser_set() if algo.pretrain_data == "shapes" else algo.pretrain_data
-            data = PretrainSet(path, resolution=self.policy.unet.config.sample_size * factor)
+            data = PretrainSet(regulariser_path(algo.pretrain_data),
+                               resolution=self.policy.unet.config.sample_size * factor)
             self.pretrain_batches = data.stream(algo.pretrain_batch_size, seed=self.config.seed * 1000 + self.rank)
             self.pretrain_generator = torch.Generator(self.device).manual_seed(self.config.seed * 1000 + self.rank)
         return sum(p.numel() for p in self.params)
@@ -84,59 +86,55 @@ class LearnerActor:
     def publish(self, version: int) -> float:
         from rlds.policy import flatten_trainable
 
-        start = time.perf_counter()
-        ref = ray.put(flatten_trainable(self.policy.unet))
-        ray.get(self.weight_store.publish.remote(version, [ref]))
-        elapsed = time.perf_counter() - start
-        self.publish_hist.observe(elapsed)
-        return elapsed
+        took: dict = {}
+        with timer("publish", took):
+            flat = ray.put(flatten_trainable(self.policy.unet))
+            ray.get(self.weight_store.publish.remote(PublishedWeights(version, flat)))
+        self.publish_hist.observe(took["publish"])
+        return took["publish"]
 
-    def update(self, wrapped_refs: list, advantages: list, tasks: list[int], iteration: int) -> dict:
-        from dataclasses import replace
-
-        from rlds.algo import lr_factor, ppo_update
-
+    def update(self, shard: LearnerShard) -> UpdateResult:
         import torch
         import torch.distributed as dist
 
-        start = time.perf_counter()
-        try:
-            trajectories = ray.get([w[0] for w in wrapped_refs])
-            lost = 0
-        except ray.exceptions.ObjectLostError:  # its sampler died after handing it on
-            trajectories, lost = None, 1
-        # Every rank must skip together, or the others would wait in all-reduce for ever.
-        flag = torch.tensor([lost], dtype=torch.int64, device=self.device)  # NCCL needs a GPU tensor
-        dist.all_reduce(flag)
-        if flag.item():
-            return {"lost": 1}
-        fetch_s = time.perf_counter() - start
-        cfg = self.config.algo
-        for group in self.optimizer.param_groups:
-            group["lr"] = cfg.learning_rate * lr_factor(cfg, iteration, self.config.iterations)
-        rng = np.random.default_rng([self.config.seed, iteration, self.rank])
-        train_policy = replace(self.policy, unet=self.ddp)
-        per_task = []
-        for task in sorted(set(tasks)):  # the paper's joint training: each task's clipped steps in turn
-            mine = [i for i, t in enumerate(tasks) if t == task]
-            per_task.append(ppo_update(train_policy, [trajectories[i] for i in mine], [advantages[i] for i in mine],
-                                       self.optimizer, cfg, rng, no_sync=self.ddp.no_sync, dtype=self.dtype))
-        stats = {k: float(np.mean([s[k] for s in per_task])) for k in per_task[0] if k != "steps"}
-        stats["ratio/min"] = min(s["ratio/min"] for s in per_task)
-        stats["ratio/max"] = max(s["ratio/max"] for s in per_task)
-        if self.pretrain_batches is not None:  # L_pre, its own step after the RL steps
-            from rlds.algo.regularizers import pretrain_step
+        from rlds.algo.objectives import OBJECTIVES
+        from rlds.algo.schedules import lr_factor
 
-            images, captions = next(self.pretrain_batches)
-            stats.update(pretrain_step(train_policy, self.optimizer, images, captions, cfg.pretrain_beta,
-                                       cfg.max_grad_norm, self.pretrain_generator))
-        stats["lr"] = self.optimizer.param_groups[0]["lr"]
-        stats["time/fetch_s"] = fetch_s
-        if self.rank == 0:
-            stats["time/publish_s"] = self.publish(iteration + 1)
-        stats["time/update_s"] = time.perf_counter() - start
-        self.update_hist.observe(stats["time/update_s"])
-        return stats
+        times: dict = {}
+        with timer("time/update_s", times):
+            with timer("time/fetch_s", times):
+                trajectories = shard.fetch()
+            # Every rank must skip together, or the others would wait in all-reduce for ever.
+            lost = torch.tensor([trajectories is None], dtype=torch.int64, device=self.device)  # NCCL: a GPU tensor
+            dist.all_reduce(lost)
+            if lost.item():
+                return UpdateResult(lost=True)
+            cfg, iteration = self.config.algo, shard.iteration
+            for group in self.optimizer.param_groups:
+                group["lr"] = cfg.learning_rate * lr_factor(cfg.lr_schedule, iteration, self.config.iterations,
+                                                            cfg.warmup_iterations)
+            rng = np.random.default_rng([self.config.seed, iteration, self.rank])
+            train_policy = replace(self.policy, unet=self.ddp)
+            update = OBJECTIVES[cfg.objective].update
+            per_task = []
+            for task in sorted(set(shard.tasks)):  # the paper's joint training: each task's steps in turn
+                mine = [i for i, t in enumerate(shard.tasks) if t == task]
+                per_task.append(update(train_policy, [trajectories[i] for i in mine],
+                                       [shard.advantages[i] for i in mine], self.optimizer, cfg, rng,
+                                       no_sync=self.ddp.no_sync, dtype=self.dtype))
+            stats = reduce_metrics(per_task)
+            if self.pretrain_batches is not None:  # L_pre, its own step after the RL steps
+                from rlds.algo.regularizers import pretrain_step
+
+                images, captions = next(self.pretrain_batches)
+                stats.update(pretrain_step(train_policy, self.optimizer, images, captions, cfg.pretrain_beta,
+                                           cfg.max_grad_norm, self.pretrain_generator))
+            stats["lr"] = self.optimizer.param_groups[0]["lr"]
+            if self.rank == 0:
+                stats["time/publish_s"] = self.publish(iteration + 1)
+        stats.update(times)
+        self.update_hist.observe(times["time/update_s"])
+        return UpdateResult(stats)
 
     def shutdown(self) -> None:
         import torch.distributed as dist
@@ -168,20 +166,20 @@ class LearnerGroup:
         counts = ray.get([a.setup.remote(master, lc.backend) for a in self.actors], timeout=timeout)
         self.num_trainable = counts[0]
 
-    def update(self, traj_refs: list, advantages: np.ndarray, tasks: list[int],
-               iteration: int) -> list[ray.ObjectRef]:
-        """Split each task's sampler batches evenly over the ranks; returns the calls.
+    def update(self, batch: TrainingBatch, advantages: np.ndarray, iteration: int) -> list[ray.ObjectRef]:
+        """Split each task's sampler batches evenly over the ranks; returns the calls (-> UpdateResult).
 
-        `advantages` is per trajectory, sampler batch after sampler batch; `tasks` per sampler batch."""
-        n = len(advantages) // len(traj_refs)
+        `advantages` is per trajectory, in the batch's order."""
+        offsets = np.cumsum([0] + [len(p) for p in batch.parts])
         shares: list[list[int]] = [[] for _ in self.actors]
-        for task in sorted(set(tasks)):
-            mine = [i for i, t in enumerate(tasks) if t == task]
+        for task in sorted(set(batch.tasks)):
+            mine = [i for i, t in enumerate(batch.tasks) if t == task]
             per_rank = len(mine) // self.size
             for rank in range(self.size):
                 shares[rank] += mine[rank * per_rank:(rank + 1) * per_rank]
-        return [actor.update.remote([traj_refs[i] for i in share], [advantages[i * n:(i + 1) * n] for i in share],
-                                    [tasks[i] for i in share], iteration)
+        return [actor.update.remote(LearnerShard([batch.parts[i].trajectory for i in share],
+                                                 [advantages[offsets[i]:offsets[i + 1]] for i in share],
+                                                 [batch.parts[i].task for i in share], iteration))
                 for actor, share in zip(self.actors, shares)]
 
     def publish(self, version: int) -> None:

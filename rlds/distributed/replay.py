@@ -12,34 +12,18 @@ names in its answer, so samplers serve every task without being assigned one.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
 import ray
 
+from rlds.distributed.protocol import SampledBatch, ScoredBatch, TrainingBatch
+
 
 # Every way a sample can leave without being trained; each is counted (and reported, even at 0).
 DROP_REASONS = ("stale", "reward_failed", "reward_timeout", "nan_reward", "sampler_died", "lost_in_flight")
-
-
-@dataclass
-class Entry:
-    """One sampler batch: the trajectory reference, its scores and what the learner needs to know."""
-    sampler: str  # the actor id of the sampler that made (and owns) it
-    task: int
-    traj_ref: ray.ObjectRef
-    version: int
-    prompt_ids: np.ndarray
-    group_ids: np.ndarray
-    scores: dict[str, np.ndarray] = field(default_factory=dict)
-    created: float = field(default_factory=time.time)
-
-    def __len__(self) -> int:
-        return len(self.prompt_ids)
 
 
 @ray.remote(num_cpus=0)
@@ -56,11 +40,10 @@ class ReplayStore:
         self.reserved: Counter = Counter()  # (sampler, task) -> samples promised
         self.pending = [0] * len(self.sizes)  # samples waiting for their scores
         self.dead: set[str] = set()  # samplers whose objects are gone
-        self.ready: list[Entry] = []
+        self.ready: list[ScoredBatch] = []
         self.drops: Counter = Counter()  # reason -> samples
         self.added = 0
         self.closed = False
-        self.ids = itertools.count()
         self.jobs: set[asyncio.Task] = set()  # score joins in progress
         self.changed = asyncio.Condition()
         self.depth_gauge = metrics.Gauge("rlds_replay_depth", "Samples reserved, scoring or ready")
@@ -116,39 +99,37 @@ class ReplayStore:
         self._gauge()
         return "ok", best
 
-    async def add(self, sampler: str, task: int, wrapped_traj: list, wrapped_scores: dict, version: int,
-                  prompt_ids: np.ndarray, group_ids: np.ndarray) -> None:
-        entry = Entry(sampler, task, wrapped_traj[0], version, prompt_ids, group_ids)
-        n = len(entry)
-        self.reserved[sampler, task] = max(0, self.reserved[sampler, task] - n)
-        self.pending[task] += n
+    async def add(self, batch: SampledBatch) -> None:
+        n = len(batch)
+        self.reserved[batch.sampler, batch.task] = max(0, self.reserved[batch.sampler, batch.task] - n)
+        self.pending[batch.task] += n
         self.added += n
-        job = asyncio.create_task(self._await_scores(entry, wrapped_scores))
+        job = asyncio.create_task(self._await_scores(batch))
         self.jobs.add(job)
         job.add_done_callback(self.jobs.discard)
 
-    async def _await_scores(self, entry: Entry, wrapped_scores: dict) -> None:
-        reason = None
+    async def _await_scores(self, batch: SampledBatch) -> None:
+        reason, scored = None, None
         try:
-            names = list(wrapped_scores)
-            refs = [wrapped_scores[k][0] for k in names]
-            values = await asyncio.wait_for(asyncio.gather(*refs), self.reward_timeout_s)
-            entry.scores = {k: np.asarray(v, dtype=np.float32) for k, v in zip(names, values)}
-            if any(not np.all(np.isfinite(v)) for v in entry.scores.values()):
+            names = list(batch.scores)
+            values = await asyncio.wait_for(asyncio.gather(*(batch.scores[k] for k in names)),
+                                            self.reward_timeout_s)
+            scored = batch.scored({k: np.asarray(v, dtype=np.float32) for k, v in zip(names, values)})
+            if any(not np.all(np.isfinite(v)) for v in scored.scores.values()):
                 reason = "nan_reward"
         except asyncio.TimeoutError:
             reason = "reward_timeout"
         except Exception:  # a reward actor raised or died: counted, never silently lost
             reason = "reward_failed"
         async with self.changed:
-            self.pending[entry.task] -= len(entry)
-            if reason is None and entry.sampler in self.dead:
+            self.pending[batch.task] -= len(batch)
+            if reason is None and batch.sampler in self.dead:
                 reason = "sampler_died"
             if reason is None:
-                self.ready.append(entry)
-                self.score_hist.observe(time.time() - entry.created)
+                self.ready.append(scored)
+                self.score_hist.observe(time.time() - batch.created)
             else:
-                self._drop(reason, len(entry))
+                self._drop(reason, len(batch))
             self._gauge()
             self.changed.notify_all()
 
@@ -182,7 +163,7 @@ class ReplayStore:
 
     # ----------------------------------------------------------- learner
 
-    async def get_batch(self, learner_version: int, timeout_s: float) -> Optional[dict]:
+    async def get_batch(self, learner_version: int, timeout_s: float) -> Optional[TrainingBatch]:
         """A full batch no staler than max_staleness, or None after timeout_s (nothing consumed).
 
         `learner_version` is also the newest published weights version: the learner publishes
@@ -213,20 +194,12 @@ class ReplayStore:
                     batch.append(entry)
                     taken += len(entry)
                 self.consumed[task] += taken
-            lags = [learner_version - e.version for e in batch]
-            for lag in lags:
+            training = TrainingBatch(batch, learner_version)
+            for lag in training.lags:
                 self.lag_hist.observe(lag)
             self._gauge()
             self.changed.notify_all()  # room, and a newer version, for waiting samplers
-            return {
-                "traj_refs": [[e.traj_ref] for e in batch],
-                "tasks": [e.task for e in batch],
-                "scores": [e.scores for e in batch],  # per sampler batch: each task has its own rewards
-                "prompt_ids": np.concatenate([e.prompt_ids for e in batch]),
-                "group_ids": np.concatenate([e.group_ids for e in batch]),
-                "versions": [e.version for e in batch],
-                "lags": lags,
-            }
+            return training
 
     def _drop_stale(self) -> None:
         keep = []
@@ -261,7 +234,8 @@ class ReplayStore:
         self.consumed = [iteration * size for size in self.sizes]
 
 
-def next_batch(store, iteration: int, timeout_s: float, on_wait: Optional[Callable[[], None]] = None) -> dict:
+def next_batch(store, iteration: int, timeout_s: float,
+               on_wait: Optional[Callable[[], None]] = None) -> TrainingBatch:
     """The next full batch from `store`, asking with a short server-side wait so that nothing is
     consumed by an abandoned call; `on_wait` runs between asks (the trainer checks its samplers)."""
     deadline = time.monotonic() + timeout_s

@@ -1,12 +1,11 @@
 """Reward actors: one pool per reward, each actor scoring whole sampler batches."""
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import ray
 
 from rlds.config import RewardConfig
+from rlds.stats import timer
 
 
 @ray.remote
@@ -26,9 +25,10 @@ class RewardActor:
         self.latency.set_default_tags({"reward": name})
 
     def score(self, images: np.ndarray, prompts: list[str], group_ids: np.ndarray) -> np.ndarray:
-        start = time.perf_counter()
-        scores = self.reward(images, prompts, group_ids)
-        self.latency.observe(time.perf_counter() - start)
+        took: dict = {}
+        with timer("score", took):
+            scores = self.reward(images, prompts, group_ids)
+        self.latency.observe(took["score"])
         return scores
 
 

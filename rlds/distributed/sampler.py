@@ -3,8 +3,8 @@
 Each pass: pull newer weights when the store says there are some (between batches only, so one
 version makes a whole trajectory), reserve room in the ReplayStore (wait while it says so; it names
 the task to sample), sample that task's prompts, put the trajectory and its images in the object
-store, send the images to the task's reward pools, and hand the references to the store. This actor owns what it put: if it dies, the store drops its
-entries (counted) and the other samplers refill them.
+store, send the images to the task's reward pools, and hand the store a SampledBatch. This actor
+owns what it put: if it dies, the store drops its entries (counted) and the other samplers refill them.
 """
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ import numpy as np
 import ray
 
 from rlds.config import Config
+from rlds.distributed.protocol import SampledBatch
+from rlds.stats import timer
 
 
 @dataclass
@@ -33,12 +35,12 @@ class SamplerLoop:
     wait_s = 0.5  # the longest one reserve call waits in the store for room
 
     def __init__(self, index: int, config: Config, tasks: list[SamplerTask], store, weight_store,
-                 epoch: int = 0, incarnation: int = 0):
+                 start_iteration: int = 0, incarnation: int = 0):
         from ray.util import metrics
 
         # incarnation: a restarted sampler must not redraw its predecessor's prompts and seeds
         self.index, self.config, self.incarnation = index, config, incarnation
-        self.attach(store, weight_store, tasks, epoch)
+        self.attach(store, weight_store, tasks, start_iteration)
         self.actor_id = ray.get_runtime_context().get_actor_id()
         tags = {"sampler": str(index)}
         self.samples_counter = metrics.Counter("rlds_samples", "Trajectories sampled", tag_keys=("sampler",))
@@ -51,11 +53,13 @@ class SamplerLoop:
         for m in (self.samples_counter, self.sample_hist, self.sync_hist, self.idle_gauge):
             m.set_default_tags(tags)
 
-    def attach(self, store, weight_store, tasks: list[SamplerTask], epoch: int = 0) -> None:
-        """Point the loop at a (new) store: a fresh run, counters from zero, weights pulled anew."""
-        self.store, self.weight_store, self.tasks, self.epoch = store, weight_store, tasks, epoch
+    def attach(self, store, weight_store, tasks: list[SamplerTask], start_iteration: int = 0) -> None:
+        """Point the loop at a (new) store: a fresh run (or one resumed at `start_iteration`, which
+        seeds what it draws), counters from zero, weights pulled anew."""
+        self.store, self.weight_store, self.tasks = store, weight_store, tasks
+        self.start_iteration = start_iteration
         self.version, self.batches = -1, 0
-        self.time_idle = self.time_busy = self.time_sync = 0.0
+        self.times = {"idle": 0.0, "busy": 0.0, "sync": 0.0}  # seconds, by rlds.stats.timer
 
     def node(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -70,13 +74,12 @@ class SamplerLoop:
         newer = ray.get(self.weight_store.newer_than.remote(self.version))
         if newer is None:
             return False
-        start = time.perf_counter()
-        version, (ref,) = newer
-        self.load_weights(ray.get(ref))
-        self.version = version
-        elapsed = time.perf_counter() - start
-        self.time_sync += elapsed
-        self.sync_hist.observe(elapsed)
+        took: dict = {}
+        with timer("sync", took):
+            self.load_weights(ray.get(newer.flat))
+            self.version = newer.version
+        self.times["sync"] += took["sync"]
+        self.sync_hist.observe(took["sync"])
         return True
 
     def run(self, max_batches: int | None = None) -> dict:
@@ -85,43 +88,45 @@ class SamplerLoop:
         n = cfg.sampler.batch_size
         newest = 0  # the newest weights version the store has told us about
         while max_batches is None or self.batches < max_batches:
-            wait_start = time.perf_counter()
-            if newest > self.version or self.version < 0:
-                self.pull_weights()
-            status, t, newest = ray.get(self.store.reserve.remote(self.actor_id, n, self.version, self.wait_s))
+            with timer("idle", self.times):
+                if newest > self.version or self.version < 0:
+                    self.pull_weights()
+                status, t, newest = ray.get(self.store.reserve.remote(self.actor_id, n, self.version, self.wait_s))
+                if status == "wait" and self.version < 0:  # no weights published yet
+                    time.sleep(0.01)
             if status == "stop":
                 break
             if status == "wait":
-                if self.version < 0:  # no weights published yet
-                    time.sleep(0.01)
-                self.time_idle += time.perf_counter() - wait_start
                 continue
-            self.time_idle += time.perf_counter() - wait_start
-            start = time.perf_counter()
-            task = self.tasks[t]
-            g = task.images_per_prompt
-            rng = np.random.default_rng([cfg.seed, self.epoch, self.incarnation, self.index, self.batches])
-            local_ids = np.repeat(rng.integers(len(task.prompts), size=n // g), g)
-            stream = (self.epoch * 64 + self.incarnation % 64) * 4096 + self.index % 4096
-            group_base = (stream << 24) + (self.batches * n) % (1 << 24)  # unique ids in a run
-            group_ids = group_base + np.repeat(np.arange(n // g), g)
-            seeds = rng.integers(2**62, size=n)  # one per chain: any sample can be redrawn alone
-            prompt_ids = task.first_prompt_id + local_ids
-            traj = self.make_trajectory([task.prompts[i] for i in local_ids], prompt_ids, seeds,
-                                        group_base + np.arange(n))
-            traj_ref = ray.put(traj)
-            images_ref = ray.put(traj.images)
-            scores = {pool.name: [pool.score(images_ref, traj.prompts, group_ids, self.batches + self.index)]
-                      for pool in task.pools}
-            self.store.add.remote(self.actor_id, t, [traj_ref], scores, self.version, prompt_ids, group_ids)
+            took: dict = {}
+            with timer("busy", took):
+                self.store.add.remote(self.sample(self.tasks[t], t, n))
+            self.times["busy"] += took["busy"]
             self.batches += 1
-            elapsed = time.perf_counter() - start
-            self.time_busy += elapsed
-            self.sample_hist.observe(elapsed)
+            self.sample_hist.observe(took["busy"])
             self.samples_counter.inc(n)
-            self.idle_gauge.set(self.time_idle / max(1e-9, self.time_idle + self.time_busy))
-        return {"sampler": self.index, "batches": self.batches, "time_idle_s": self.time_idle,
-                "time_busy_s": self.time_busy, "time_sync_s": self.time_sync}
+            self.idle_gauge.set(self.times["idle"] / max(1e-9, self.times["idle"] + self.times["busy"]))
+        return {"sampler": self.index, "batches": self.batches, "time_idle_s": self.times["idle"],
+                "time_busy_s": self.times["busy"], "time_sync_s": self.times["sync"]}
+
+    def sample(self, task: SamplerTask, t: int, n: int) -> SampledBatch:
+        """One batch of task `t`: draw prompts and seeds, sample, put it in the object store, send the
+        images to the task's reward pools."""
+        g = task.images_per_prompt
+        rng = np.random.default_rng([self.config.seed, self.start_iteration, self.incarnation, self.index,
+                                     self.batches])
+        local_ids = np.repeat(rng.integers(len(task.prompts), size=n // g), g)
+        stream = (self.start_iteration * 64 + self.incarnation % 64) * 4096 + self.index % 4096
+        group_base = (stream << 24) + (self.batches * n) % (1 << 24)  # unique ids in a run
+        group_ids = group_base + np.repeat(np.arange(n // g), g)
+        seeds = rng.integers(2**62, size=n)  # one per chain: any sample can be redrawn alone
+        prompt_ids = task.first_prompt_id + local_ids
+        traj = self.make_trajectory([task.prompts[i] for i in local_ids], prompt_ids, seeds,
+                                    group_base + np.arange(n))
+        images = ray.put(traj.images)  # a top-level argument: each reward actor receives the array
+        scores = {pool.name: pool.score(images, traj.prompts, group_ids, self.batches + self.index)
+                  for pool in task.pools}
+        return SampledBatch(self.actor_id, t, ray.put(traj), scores, self.version, prompt_ids, group_ids)
 
 
 @ray.remote
@@ -129,14 +134,14 @@ class SamplerActor(SamplerLoop):
     """A sampler holding the policy: text encoder, UNet, scheduler, VAE where there is one."""
 
     def __init__(self, index: int, config: Config, tasks: list[SamplerTask], store, weight_store,
-                 epoch: int = 0, incarnation: int = 0, device: str = "cpu"):
+                 start_iteration: int = 0, incarnation: int = 0, device: str = "cpu"):
         import torch
 
         from rlds.policy import load_policy
         from rlds.policy.pipeline import DTYPES
 
         torch.set_num_threads(config.torch_threads)
-        super().__init__(index, config, tasks, store, weight_store, epoch, incarnation)
+        super().__init__(index, config, tasks, store, weight_store, start_iteration, incarnation)
         if device == "cpu" and ray.get_gpu_ids():
             device = "cuda"
         self.policy = load_policy(config.model, device)

@@ -1,4 +1,4 @@
-"""The one place the newest policy weights live: (version, ObjectRef of one flat buffer).
+"""WeightStore: the newest trainable weights, in one place, as PublishedWeights (version, reference).
 
 The learner publishes; samplers pull when they see a newer version. Nobody pushes to a busy actor.
 """
@@ -8,24 +8,24 @@ from typing import Optional
 
 import ray
 
+from rlds.distributed.protocol import PublishedWeights
+
 
 @ray.remote(num_cpus=0)
 class WeightStore:
     def __init__(self):
-        self.version = -1
-        self.ref: Optional[ray.ObjectRef] = None
+        self.latest: Optional[PublishedWeights] = None
 
-    def publish(self, version: int, wrapped: list) -> None:
-        # The ref comes wrapped in a list so that Ray hands over the reference, not the buffer.
-        if version <= self.version:
-            raise ValueError(f"weights version {version} published after {self.version}")
-        self.version, self.ref = version, wrapped[0]
+    def publish(self, weights: PublishedWeights) -> None:
+        if weights.version <= self.latest_version():
+            raise ValueError(f"weights version {weights.version} published after {self.latest_version()}")
+        self.latest = weights
 
-    def newer_than(self, version: int):
-        """(version, [ref]) when the store holds something newer than `version`, else None."""
-        if self.version > version:
-            return self.version, [self.ref]
+    def newer_than(self, version: int) -> Optional[PublishedWeights]:
+        """The newest weights if they are newer than `version`, else None."""
+        if self.latest is not None and self.latest.version > version:
+            return self.latest
         return None
 
     def latest_version(self) -> int:
-        return self.version
+        return -1 if self.latest is None else self.latest.version

@@ -8,98 +8,26 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, CLIPTextModel
 
-from rlds.config import LoraConfig, ModelConfig, TinyModelConfig
+from rlds.config import LoraConfig, ModelConfig
+from rlds.policy.builder import Policy, build_policy, tiny_architecture
 
+# model.dtype: the compute dtype on a GPU (autocast) and the frozen parts' weights; CPU runs float32
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# The tiny model's vocabulary: words of the built-in prompt sets; anything else is [UNK].
-TINY_VOCAB = sorted(set("""
-a an the of and with on in to at near next beside above below left right side photo picture
-painting drawing red green blue yellow black white orange purple pink brown gray bright dark
-circle square triangle shape shapes cat dog bird horse fish cow sheep rabbit fox bear lion tiger
-owl duck frog mouse elephant monkey tree flower house car boat sun moon star mountain river sky
-""".split()))
-SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
 
-
-@dataclass
-class Policy:
-    """The components of a text-to-image diffusion model, in rlds' terms."""
-    tokenizer: object
-    text_encoder: torch.nn.Module
-    unet: torch.nn.Module
-    scheduler: DDIMScheduler
-    vae: Optional[torch.nn.Module] = None
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
-
-    def to(self, device) -> "Policy":
-        for m in (self.text_encoder, self.unet, self.vae):
-            if m is not None:
-                m.to(device)
-        return self
-
-    @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        size = self.unet.config.sample_size
-        return (self.unet.config.in_channels, size, size)
-
-
-def build_tokenizer(max_length: int, vocab: Optional[list[str]] = None) -> PreTrainedTokenizerFast:
-    """A word-level, lower-casing tokenizer over `vocab` (default TINY_VOCAB); other words are [UNK]."""
-    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
-    from tokenizers.models import WordLevel
-
-    words = TINY_VOCAB if vocab is None else sorted({w.lower() for w in vocab} - set(SPECIAL_TOKENS))
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + words)}
-    tok = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[BOS] $A [EOS]", special_tokens=[("[BOS]", vocab["[BOS]"]), ("[EOS]", vocab["[EOS]"])])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]",
-        eos_token="[EOS]", model_max_length=max_length)
-
-
-def tiny_scheduler() -> DDIMScheduler:
-    # Stable Diffusion's settings: the last step keeps a little noise, so every step is stochastic.
-    return DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                         clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-
-
-def build_tiny_policy(spec: TinyModelConfig) -> Policy:
-    """A random-weight pixel-space model; the same `spec` gives the same weights in every process."""
-    tokenizer = build_tokenizer(spec.max_prompt_length)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec.seed)
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=spec.cross_attention_dim,
-            intermediate_size=2 * spec.cross_attention_dim, num_hidden_layers=spec.text_layers,
-            num_attention_heads=4, max_position_embeddings=spec.max_prompt_length,
-            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id))
-        n = len(spec.block_out_channels)
-        unet = UNet2DConditionModel(
-            sample_size=spec.sample_size, in_channels=spec.in_channels, out_channels=spec.in_channels,
-            block_out_channels=tuple(spec.block_out_channels), layers_per_block=spec.layers_per_block,
-            down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
-            up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
-            cross_attention_dim=spec.cross_attention_dim, attention_head_dim=8,
-            norm_num_groups=min(8, spec.block_out_channels[0]))
-    return Policy(tokenizer, text_encoder, unet, tiny_scheduler())
-
+def check_model(model: ModelConfig, fail) -> None:
+    if model.dtype not in DTYPES:
+        fail("model.dtype", f"{model.dtype!r} is not one of {', '.join(DTYPES)}")
+    if model.lora.enabled and model.lora.rank < 1:
+        fail("model.lora.rank", "must be at least 1")
 
 def save_policy(policy: Policy, path: str | Path) -> None:
     """Write a diffusers-style model folder that `load_policy` (and diffusers) can read back."""
@@ -130,7 +58,7 @@ def load_policy(model: ModelConfig, device: str | torch.device = "cpu") -> Polic
     """The policy named by the config: `tiny`, a shipped model (`shapes`), a local diffusers folder,
     or a hub id."""
     if model.source == "tiny":
-        policy = build_tiny_policy(model.tiny)
+        policy = build_policy(tiny_architecture(model.tiny))
     else:
         policy = load_pretrained(model_location(model.source), model.revision, DTYPES[model.dtype])
     policy.unet.requires_grad_(False)

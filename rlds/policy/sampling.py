@@ -52,7 +52,8 @@ def encode_prompts(policy: Policy, prompts: list[str], grad: bool = False) -> to
 
 def guided_noise(policy: Policy, x: torch.Tensor, t, cond: torch.Tensor, uncond: torch.Tensor,
                  guidance_scale: float) -> torch.Tensor:
-    """The UNet's noise prediction with classifier-free guidance (one batched call)."""
+    """The UNet's output (epsilon, or v) with classifier-free guidance, in one batched call: x [B, C, H, W],
+    cond [B, L, D], uncond [1, L, D] -> [B, C, H, W] float32."""
     if guidance_scale == 1.0:
         return policy.unet(x, t, encoder_hidden_states=cond).sample.float()
     b = x.shape[0]
@@ -90,8 +91,8 @@ def sample_trajectories(policy: Policy, prompts: list[str], cfg: SamplingConfig,
     latents, log_probs = [x], []
     with autocast(policy, dtype):
         for t in timesteps:
-            eps = guided_noise(policy, x, t, cond, uncond, cfg.guidance_scale)
-            x, logp = ddim_step_with_logprob(policy.scheduler, eps, t, x, cfg.eta, generator=generators)
+            model_output = guided_noise(policy, x, t, cond, uncond, cfg.guidance_scale)
+            x, logp = ddim_step_with_logprob(policy.scheduler, model_output, t, x, cfg.eta, generator=generators)
             latents.append(x)
             log_probs.append(logp)
     images = decode_images(policy, x)
@@ -112,7 +113,9 @@ def sample_trajectories(policy: Policy, prompts: list[str], cfg: SamplingConfig,
 
 
 def step_log_prob(policy: Policy, traj: Trajectory, step: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """log p_theta(x_{t-1} | x_t) of the stored step `step` of every chain in `traj`, with gradient."""
+    """log p_theta(x_{t-1} | x_t) of the stored step `step` (0 <= step < T) of every chain in `traj`,
+    with gradient: [B] float32, from x_t = traj.latents[:, step] and x_{t-1} = traj.latents[:, step + 1]
+    (each [B, C, H, W]), through the same guided UNet call and DDIM step as the sampler's."""
     device = policy.device
     # torch.tensor copies: object-store arrays are read-only, and only one step is needed.
     x_t = torch.tensor(traj.latents[:, step], device=device)
@@ -121,6 +124,6 @@ def step_log_prob(policy: Policy, traj: Trajectory, step: int, dtype: torch.dtyp
     cond = torch.tensor(traj.prompt_embeds, device=device)
     uncond = torch.tensor(traj.negative_embeds, device=device)
     with autocast(policy, dtype):
-        eps = guided_noise(policy, x_t, t, cond, uncond, traj.guidance_scale)
-    _, logp = ddim_step_with_logprob(policy.scheduler, eps, t, x_t, traj.eta, prev_sample=x_prev)
+        model_output = guided_noise(policy, x_t, t, cond, uncond, traj.guidance_scale)
+    _, logp = ddim_step_with_logprob(policy.scheduler, model_output, t, x_t, traj.eta, prev_sample=x_prev)
     return logp

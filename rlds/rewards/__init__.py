@@ -18,6 +18,18 @@ REWARDS = {
 }
 
 
+def check_rewards(rewards: list, key: str, fail) -> None:
+    """A task's `rewards` list at dotted `key`: at least one, each known, each with an actor."""
+    if not rewards:
+        fail(key, "name at least one reward, e.g. [{name: jpeg_compressibility}]")
+    for i, r in enumerate(rewards):
+        if r.name not in REWARDS and ":" not in r.name:
+            fail(f"{key}[{i}].name", f"unknown reward {r.name!r}; built in: {', '.join(sorted(REWARDS))}, "
+                 "or a package.module:ClassName")
+        if r.num_actors < 1:
+            fail(f"{key}[{i}].num_actors", "must be at least 1")
+
+
 def reward_class(name: str):
     if name in REWARDS:
         return REWARDS[name]
@@ -39,4 +51,4 @@ def build_reward(name: str, args: dict):
     return reward
 
 
-__all__ = ["REWARDS", "GroupReward", "ImageReward", "build_reward", "reward_class"]
+__all__ = ["REWARDS", "GroupReward", "ImageReward", "build_reward", "check_rewards", "reward_class"]
