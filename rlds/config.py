@@ -64,7 +64,9 @@ class ModelConfig:
 class SamplingConfig:
     num_steps: int = 20
     eta: float = 1.0
-    guidance_scale: float = 4.0
+    guidance_scale: float = 4.0  # 1: no classifier-free guidance (CFG-free sampling and training)
+    # the scale `rlds eval` and `rlds sample` use, the one the model is used with; default: guidance_scale
+    eval_guidance_scale: Optional[float] = None
     resolution: Optional[int] = None  # default: the UNet's sample size times the VAE factor
 
 
@@ -132,7 +134,7 @@ class AlgoConfig:
     # objects are decided; the low-noise steps' log-prob gradients scale with 1/sigma and can drown
     # the rest in noise about fine detail (measured in ShapesWorld: they lowered composition reward).
     noisiest_fraction: float = 1.0
-    clip_range: float = 1e-4
+    clip_range: float = 1e-4  # ppo and awm: the clip of the importance ratio (the paper's 1e-4)
     advantage: str = "batch"  # rlds.algo.advantages.ADVANTAGES: batch | per_prompt | group
     advantage_clip: float = 10.0
     per_prompt_buffer: int = 32
@@ -145,6 +147,17 @@ class AlgoConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     max_grad_norm: float = 1.0
+    # A KL to the frozen reference (the base) policy, its weight: for the forward-process objectives
+    # the matching form, the mean squared difference of the two outputs at the same x_t.
+    kl_beta: float = 0.0
+    # nft: the implicit policies' step (DiffusionNFT's beta) and the old policy's soft update after
+    # iteration i, old <- eta old + (1 - eta) theta with eta = min(rate * i, max)
+    nft_beta: float = 1.0
+    # nft, awm: train the guided output (both branches, at the sampler's guidance scale) instead of
+    # the conditional one; PPO's log-prob is always the guided step's
+    guided_training: bool = False
+    old_policy_decay_rate: float = 0.001
+    old_policy_decay_max: float = 0.5
     # L_pre, the paper's regulariser: one step on beta * noise-prediction MSE after the RL steps,
     # on an image-caption Parquet set (columns `image`: encoded bytes, `caption`: text), or `shapes`:
     # ShapesWorld's own set of colour-naming captions, written to ~/.cache/rlds on first use.
@@ -370,8 +383,10 @@ def check_config(c: Config, fail: Fail) -> None:
         fail("replay.capacity", f"must hold at least one batch (algo.batch_size = {batch})")
     if a.pretrain_beta < 0:
         fail("algo.pretrain_beta", "must be 0 (off) or more")
-    if c.sampling.eta <= 0:
-        fail("sampling.eta", "must be above 0: the policy needs a stochastic DDIM step")
+    if c.sampling.eta < 0:
+        fail("sampling.eta", "must be 0 (deterministic DDIM) or more")
+    if c.sampling.eval_guidance_scale is not None and c.sampling.eval_guidance_scale < 1:
+        fail("sampling.eval_guidance_scale", "must be 1 (no guidance) or more")
 
 
 def _check_task_sizes(t: TaskConfig, key: str, c: Config, fail: Fail) -> None:

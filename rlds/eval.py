@@ -27,6 +27,7 @@ from rlds.config import Config
 from rlds.data.shapes import heldout_prompts, parse_prompt, training_prompts
 from rlds.metrics import save_grid
 from rlds.policy import load_policy, sample_trajectories
+from rlds.policy.sampling import eval_sampling
 from rlds.rewards.shapes import ShapesComposition, ShapesQuality, colour_label, statistical_parity
 
 EVAL_VERSION = 5  # raise when what evaluate_policy measures changes: cached base figures are then redone
@@ -36,7 +37,8 @@ def _images(policy, prompts: list[str], seeds: list[int], config: Config, batch:
             progress: bool = True) -> np.ndarray:
     out = []
     for i in tqdm(range(0, len(prompts), batch), desc=desc, leave=False, disable=not progress):
-        traj = sample_trajectories(policy, prompts[i:i + batch], config.sampling, seeds=seeds[i:i + batch])
+        traj = sample_trajectories(policy, prompts[i:i + batch], eval_sampling(config.sampling),
+                                   seeds=seeds[i:i + batch])
         out.append(traj.images)
     return np.concatenate(out)
 
@@ -143,8 +145,10 @@ def _base_cache_path(config: Config, args: tuple) -> Optional[Path]:
         return None
     files = sorted((str(f.relative_to(folder)), f.stat().st_size, f.stat().st_mtime_ns)
                    for f in folder.rglob("*.safetensors")) if source != "tiny" else []
+    sampling = dataclasses.asdict(eval_sampling(config.sampling))
+    del sampling["eval_guidance_scale"]  # None once resolved: keys made before it existed still match
     key = json.dumps([EVAL_VERSION, dataclasses.asdict(config.model), str(folder), files,
-                      dataclasses.asdict(config.sampling), list(args)], sort_keys=True, default=str)
+                      sampling, list(args)], sort_keys=True, default=str)
     digest = hashlib.sha256(key.encode()).hexdigest()[:20]
     return cache_dir() / "eval" / f"base-{digest}"
 

@@ -38,13 +38,14 @@ def save_grid(images: np.ndarray, captions: list[str], path: Path, cell: int = 1
     n = len(images)
     columns = min(columns, n)
     rows = math.ceil(n / columns)
-    text_h = 28
+    wrapped = [_wrap(caption, cell // 6) for caption in captions]
+    text_h = 4 + 12 * max(len(lines) for lines in wrapped)  # room for the longest caption, whole
     grid = Image.new("RGB", (columns * cell, rows * (cell + text_h)), "white")
     draw = ImageDraw.Draw(grid)
-    for i, (img, caption) in enumerate(zip(images, captions)):
+    for i, (img, lines) in enumerate(zip(images, wrapped)):
         x, y = (i % columns) * cell, (i // columns) * (cell + text_h)
         grid.paste(Image.fromarray(img).resize((cell, cell), Image.NEAREST), (x, y))
-        for line, text in enumerate(_wrap(caption, cell // 6)[:2]):
+        for line, text in enumerate(lines):
             draw.text((x + 2, y + cell + 2 + 12 * line), text, fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)

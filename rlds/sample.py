@@ -12,6 +12,7 @@ from tqdm import tqdm
 from rlds.checkpoint import load_trainable_file
 from rlds.config import Config
 from rlds.policy import load_policy, sample_trajectories
+from rlds.policy.sampling import eval_sampling
 
 
 def read_prompts(prompts: str) -> list[str]:
@@ -35,7 +36,8 @@ def sample_images(config: Config, prompts: list[str], out: Path, checkpoint: Opt
     records = []
     for start in tqdm(range(0, len(jobs), batch_size), desc="rlds sample", disable=not progress):
         chunk = jobs[start:start + batch_size]
-        traj = sample_trajectories(policy, [p for p, _ in chunk], config.sampling, seeds=[s for _, s in chunk])
+        traj = sample_trajectories(policy, [p for p, _ in chunk], eval_sampling(config.sampling),
+                                   seeds=[s for _, s in chunk])
         for i, ((prompt, s), image) in enumerate(zip(chunk, traj.images)):
             name = f"{start + i:05d}.png"
             Image.fromarray(image).save(out / name)

@@ -10,6 +10,8 @@ import contextlib
 import time
 from typing import Iterable, Iterator, Mapping
 
+import numpy as np
+
 
 def reduce_metrics(rows: Iterable[Mapping[str, float]]) -> dict[str, float]:
     """Many rows of figures into one (see the module docstring); keys come out sorted."""
@@ -22,6 +24,22 @@ def reduce_metrics(rows: Iterable[Mapping[str, float]]) -> dict[str, float]:
         v = values[key]
         out[key] = min(v) if key.endswith("/min") else max(v) if key.endswith("/max") else sum(v) / len(v)
     return out
+
+
+def image_stats(images: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-image figures that move when a reward is hacked (washed-out, saturated or flat images),
+    each [B] in [0, 1], from uint8 images [B, H, W, 3]."""
+    x = images.astype(np.float32) / 255.0
+    return {"brightness": x.mean(axis=(1, 2, 3)), "contrast": x.std(axis=(1, 2, 3)),
+            "saturation": (x.max(axis=3) - x.min(axis=3)).mean(axis=(1, 2))}
+
+
+def group_diagnostics(rewards: np.ndarray, group_ids: np.ndarray) -> dict[str, float]:
+    """The share of groups (images of one prompt) whose rewards all tie, which give group-relative
+    advantages nothing to learn from, and the mean spread of rewards within a group."""
+    groups = [rewards[group_ids == g] for g in np.unique(group_ids)]
+    return {"zero_std_groups": float(np.mean([np.ptp(r) == 0 for r in groups])),
+            "group_std": float(np.mean([r.std() for r in groups]))}
 
 
 @contextlib.contextmanager

@@ -26,7 +26,7 @@ from rlds.distributed.reward import RewardPool
 from rlds.distributed.sampler import SamplerActor, SamplerTask
 from rlds.distributed.weights import WeightStore
 from rlds.metrics import MetricsWriter, read_metrics, save_grid
-from rlds.stats import timer
+from rlds.stats import group_diagnostics, timer
 
 log = logging.getLogger("rlds")
 MAX_SAMPLER_RESTARTS = 3
@@ -156,6 +156,15 @@ class Trainer:
                 stats[f"{prefix}mean"] = float(np.mean(rewards[task_ids == t]))
             for r in task.rewards:
                 stats[f"{prefix}{r.name}/mean"] = float(np.mean(np.concatenate([p.scores[r.name] for p in parts])))
+            # what a run going wrong shows first: ties within groups, spread, washed-out or flat images
+            mine = task_ids == t
+            stats[f"{prefix}std"] = float(np.std(rewards[mine]))
+            if task.images_per_prompt > 1:
+                for key, value in group_diagnostics(rewards[mine], batch.group_ids[mine]).items():
+                    stats[f"{prefix}{key}"] = value
+            for key in parts[0].image_stats:
+                stats[f"images/{task.name}/{key}" if len(self.tasks) > 1 else f"images/{key}"] = float(
+                    np.mean(np.concatenate([p.image_stats[key] for p in parts])))
         stats["advantage/abs_mean"] = float(np.mean(np.abs(advantages)))
         return result
 

@@ -84,3 +84,15 @@ def test_every_registry_rejects_what_it_does_not_know():
         compute_advantages(np.ones(2), "grouped", 10, np.zeros(2))
     with pytest.raises(ValueError, match="need a PerPromptStatTracker"):
         compute_advantages(np.ones(2), "per_prompt", 10, np.zeros(2))
+
+
+def test_group_diagnostics_and_image_statistics():
+    from rlds.stats import group_diagnostics, image_stats
+
+    out = group_diagnostics(np.array([1.0, 1.0, 0.0, 2.0]), np.array([0, 0, 1, 1]))
+    assert out == {"zero_std_groups": 0.5, "group_std": 0.5}
+    images = np.zeros((2, 4, 4, 3), np.uint8)
+    images[1, ..., 0] = 255  # pure red
+    stats = image_stats(images)
+    np.testing.assert_allclose(stats["brightness"], [0, 1 / 3], rtol=1e-6)
+    np.testing.assert_allclose(stats["saturation"], [0, 1])

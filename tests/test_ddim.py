@@ -123,13 +123,13 @@ def test_noisiest_fraction_and_accumulated_optimizer_steps(monkeypatch):
     import rlds.algo.ppo
 
     trained = []
-    recorded = rlds.algo.ppo.step_log_prob
+    recorded = rlds.algo.ppo.step_log_prob_and_kl
 
-    def record(policy, traj, step, dtype):
+    def record(policy, traj, step, dtype, reference):
         trained.append(step)
-        return recorded(policy, traj, step, dtype)
+        return recorded(policy, traj, step, dtype, reference)
 
-    monkeypatch.setattr(rlds.algo.ppo, "step_log_prob", record)
+    monkeypatch.setattr(rlds.algo.ppo, "step_log_prob_and_kl", record)
     policy = load_policy(ModelConfig())
     traj = sample_trajectories(policy, ["a red circle", "a cat"], SamplingConfig(num_steps=8), seeds=[0, 1])
     algo = AlgoConfig(timesteps_per_iteration=2, noisiest_fraction=0.5, optimizer_steps=1, learning_rate=1e-5)
@@ -141,3 +141,33 @@ def test_noisiest_fraction_and_accumulated_optimizer_steps(monkeypatch):
     steps = choose_steps(trainable_steps(8, 0.5), 2, 3, np.random.default_rng(0))  # what it drew
     assert sorted(trained) == sorted(steps.reshape(-1).tolist())
     assert all(len(set(batch)) == 2 for batch in steps)  # distinct steps per trajectory batch
+
+
+def test_the_step_kl_to_the_reference_is_zero_at_the_reference_and_grows_as_the_policy_moves():
+    from rlds.algo.matching import snapshot
+    from rlds.policy.ddim import ddim_step_mean, step_kl
+    from rlds.policy.sampling import step_log_prob_and_kl
+
+    policy = load_policy(ModelConfig())
+    traj = sample_trajectories(policy, ["a red circle", "a cat"], SamplingConfig(num_steps=4, guidance_scale=3.0),
+                               seeds=[0, 1])
+    reference = snapshot(policy.unet)
+    logp, kl = step_log_prob_and_kl(policy, traj, 1, reference=reference)
+    assert torch.equal(logp.detach(), torch.from_numpy(traj.log_probs[:, 1])) and torch.all(kl == 0)
+    algo = AlgoConfig(timesteps_per_iteration=2, learning_rate=1e-3, kl_beta=1.0, clip_range=1.0)
+    opt = make_optimizer([p for p in policy.unet.parameters() if p.requires_grad], algo)
+    stats = ppo_update(policy, [traj], [np.array([1.0, -1.0], np.float32)], opt, algo, np.random.default_rng(0),
+                       reference=reference)
+    assert stats["kl"] > 0  # the second optimizer step's terms are away from the reference
+    _, kl = step_log_prob_and_kl(policy, traj, 1, reference=reference)
+    assert torch.all(kl > 0)
+    # closed form: two Gaussians of the same std
+    sched = sd_scheduler()
+    sched.set_timesteps(10)
+    x_t, e1, e2 = torch.randn(3, 2, 3, 4, 4)
+    mean1, std = ddim_step_mean(sched, e1, sched.timesteps[3], x_t, 1.0)
+    mean2, _ = ddim_step_mean(sched, e2, sched.timesteps[3], x_t, 1.0)
+    p1 = torch.distributions.Normal(mean1.double(), std.double())
+    p2 = torch.distributions.Normal(mean2.double(), std.double())
+    expected = torch.distributions.kl_divergence(p1, p2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(step_kl(mean1, mean2, std).double(), expected, rtol=1e-4, atol=1e-6)

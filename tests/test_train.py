@@ -140,3 +140,18 @@ def test_joint_training_keeps_each_tasks_rewards_and_advantages_apart(ray_local,
     assert not any("reward/bright/diversity/mean" in r or "reward/varied/brightness/mean" in r for r in rows)
     # diversity is one reward per group of 4 (one group a task batch); brightness differs image to image
     assert all(r["reward/varied/mean"] == r["reward/varied/diversity/mean"] for r in rows)
+    # what shows a run going wrong: ties within groups, spread, image statistics, per task
+    assert all(0 <= r["reward/varied/zero_std_groups"] <= 1 and r["reward/bright/std"] >= 0 for r in rows)
+    assert all(0 < r["images/bright/brightness"] < 1 and r["images/varied/contrast"] >= 0 for r in rows)
+
+
+@pytest.mark.parametrize("objective", ["nft", "awm"])
+def test_a_forward_process_objective_trains_cfg_free_on_x0_alone(ray_local, tiny_config, tmp_path, objective):
+    """The samplers keep only x_0 (no chain, no log-probs); the learners train without guidance."""
+    config = tiny_config(f"run_dir={tmp_path}", "iterations=3", f"algo.objective={objective}",
+                         "sampling.guidance_scale=1.0", "sampling.eval_guidance_scale=3.0", "sampling.eta=0.0",
+                         "algo.kl_beta=0.1", "algo.optimizer_steps=1", "learner.num_workers=2")
+    Trainer(config, progress=False).run()
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert len(rows) == 3 and all(np.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rows)
+    assert rows[0]["kl"] == 0 and rows[-1]["kl"] > 0  # the first update starts at the reference

@@ -10,7 +10,7 @@ import torch
 from rlds.algo.loss import clipped_policy_loss
 from rlds.config import AlgoConfig, SamplingConfig
 from rlds.policy.pipeline import Policy
-from rlds.policy.sampling import Trajectory, step_log_prob
+from rlds.policy.sampling import Trajectory, step_log_prob_and_kl
 from rlds.stats import reduce_metrics
 
 
@@ -30,6 +30,8 @@ def choose_steps(num_steps: int, k: int, count: int, rng: np.random.Generator) -
 
 
 def check_ppo(algo: AlgoConfig, sampling: SamplingConfig, fail) -> None:
+    if sampling.eta <= 0:
+        fail("sampling.eta", "must be above 0 for algo.objective ppo: its policy is the stochastic DDIM step")
     window = trainable_steps(sampling.num_steps, algo.noisiest_fraction)
     if not 1 <= algo.timesteps_per_iteration <= window:
         fail("algo.timesteps_per_iteration", f"must be between 1 and the {window} trainable steps "
@@ -43,7 +45,7 @@ def check_ppo(algo: AlgoConfig, sampling: SamplingConfig, fail) -> None:
 def ppo_update(policy: Policy, trajectories: Sequence[Trajectory], advantages: Sequence[np.ndarray],
                optimizer: torch.optim.Optimizer, cfg: AlgoConfig, rng: np.random.Generator,
                no_sync: Optional[Callable[[], contextlib.AbstractContextManager]] = None,
-               dtype: torch.dtype = torch.float32) -> dict[str, float]:
+               dtype: torch.dtype = torch.float32, reference: Optional[dict] = None) -> dict[str, float]:
     """One update on N trajectory batches; returns the step statistics, reduced (rlds.stats).
 
     Shapes: each trajectory batch holds B chains of T denoising steps (`Trajectory`: latents
@@ -54,7 +56,8 @@ def ppo_update(policy: Policy, trajectories: Sequence[Trajectory], advantages: S
     gradients into each, which averages out more of the noise of a small batch before AdamW, whose
     step size does not shrink with the gradient, takes a step. `no_sync` (DDP's) skips the gradient
     all-reduce on all but the last backward of a step. Each trajectory batch is one micro-batch of B,
-    in the sampler's own layout, so the first ratio is exactly 1.
+    in the sampler's own layout, so the first ratio is exactly 1. With `reference` (values of the
+    trainable parameters) each term adds cfg.kl_beta x the step's closed-form KL to that policy.
     """
     params = [p for p in policy.unet.parameters() if p.requires_grad]
     k_total = cfg.timesteps_per_iteration
@@ -70,10 +73,13 @@ def ppo_update(policy: Policy, trajectories: Sequence[Trajectory], advantages: S
             ctx = no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
             with ctx:
                 j = int(steps[i, k])
-                logp = step_log_prob(policy, trajectories[i], j, dtype)  # [B]
+                logp, kl = step_log_prob_and_kl(policy, trajectories[i], j, dtype, reference)  # [B], [B]
                 old = torch.tensor(trajectories[i].log_probs[:, j], device=logp.device)
                 a = torch.tensor(advantages[i], device=logp.device, dtype=torch.float32)
                 loss, stats = clipped_policy_loss(logp, old, a, cfg.clip_range)
+                if kl is not None:
+                    loss = loss + cfg.kl_beta * kl.mean()
+                    stats["kl"] = kl.mean().item()
                 (loss / len(terms)).backward()
             term_stats.append(stats)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)

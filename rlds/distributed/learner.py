@@ -46,6 +46,7 @@ class LearnerActor:
         import torch.distributed as dist
         from torch.nn.parallel import DistributedDataParallel
 
+        from rlds.algo.objectives import objective_class
         from rlds.algo.ppo import make_optimizer
         from rlds.policy import load_policy
         from rlds.policy.pipeline import DTYPES
@@ -60,6 +61,7 @@ class LearnerActor:
         self.ddp = DistributedDataParallel(self.policy.unet)
         self.params = [p for p in self.policy.unet.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params, self.config.algo)
+        self.objective = objective_class(self.config.algo.objective)(self.policy.unet, self.config.algo)
         algo = self.config.algo
         self.pretrain_batches = None
         if algo.pretrain_beta > 0:
@@ -97,7 +99,6 @@ class LearnerActor:
         import torch
         import torch.distributed as dist
 
-        from rlds.algo.objectives import OBJECTIVES
         from rlds.algo.schedules import lr_factor
 
         times: dict = {}
@@ -115,13 +116,12 @@ class LearnerActor:
                                                             cfg.warmup_iterations)
             rng = np.random.default_rng([self.config.seed, iteration, self.rank])
             train_policy = replace(self.policy, unet=self.ddp)
-            update = OBJECTIVES[cfg.objective].update
             per_task = []
             for task in sorted(set(shard.tasks)):  # the paper's joint training: each task's steps in turn
                 mine = [i for i, t in enumerate(shard.tasks) if t == task]
-                per_task.append(update(train_policy, [trajectories[i] for i in mine],
-                                       [shard.advantages[i] for i in mine], self.optimizer, cfg, rng,
-                                       no_sync=self.ddp.no_sync, dtype=self.dtype))
+                per_task.append(self.objective.update(train_policy, [trajectories[i] for i in mine],
+                                                      [shard.advantages[i] for i in mine], self.optimizer, rng,
+                                                      no_sync=self.ddp.no_sync, dtype=self.dtype))
             stats = reduce_metrics(per_task)
             if self.pretrain_batches is not None:  # L_pre, its own step after the RL steps
                 from rlds.algo.regularizers import pretrain_step
@@ -129,6 +129,7 @@ class LearnerActor:
                 images, captions = next(self.pretrain_batches)
                 stats.update(pretrain_step(train_policy, self.optimizer, images, captions, cfg.pretrain_beta,
                                            cfg.max_grad_norm, self.pretrain_generator))
+            stats.update(self.objective.end_iteration(self.policy.unet))
             stats["lr"] = self.optimizer.param_groups[0]["lr"]
             if self.rank == 0:
                 stats["time/publish_s"] = self.publish(iteration + 1)

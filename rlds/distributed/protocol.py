@@ -32,6 +32,7 @@ class SampledBatch:
     version: int  # the weights version that sampled it
     prompt_ids: np.ndarray  # [B] int64
     group_ids: np.ndarray  # [B] int64: images that share a prompt share a group
+    image_stats: dict[str, np.ndarray] = field(default_factory=dict)  # name -> [B] (rlds.stats.image_stats)
     created: float = field(default_factory=time.time)
 
     def __len__(self) -> int:
@@ -39,7 +40,7 @@ class SampledBatch:
 
     def scored(self, scores: dict[str, np.ndarray]) -> "ScoredBatch":
         return ScoredBatch(self.sampler, self.task, self.trajectory, scores, self.version,
-                           self.prompt_ids, self.group_ids, self.created)
+                           self.prompt_ids, self.group_ids, self.created, self.image_stats)
 
 
 @dataclass
@@ -53,6 +54,7 @@ class ScoredBatch:
     prompt_ids: np.ndarray
     group_ids: np.ndarray
     created: float
+    image_stats: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.prompt_ids)

@@ -16,7 +16,7 @@ import ray
 
 from rlds.config import Config
 from rlds.distributed.protocol import SampledBatch
-from rlds.stats import timer
+from rlds.stats import image_stats, timer
 
 
 @dataclass
@@ -126,7 +126,8 @@ class SamplerLoop:
         images = ray.put(traj.images)  # a top-level argument: each reward actor receives the array
         scores = {pool.name: pool.score(images, traj.prompts, group_ids, self.batches + self.index)
                   for pool in task.pools}
-        return SampledBatch(self.actor_id, t, ray.put(traj), scores, self.version, prompt_ids, group_ids)
+        return SampledBatch(self.actor_id, t, ray.put(traj), scores, self.version, prompt_ids, group_ids,
+                            image_stats(traj.images))
 
 
 @ray.remote
@@ -137,6 +138,7 @@ class SamplerActor(SamplerLoop):
                  start_iteration: int = 0, incarnation: int = 0, device: str = "cpu"):
         import torch
 
+        from rlds.algo.objectives import objective_class
         from rlds.policy import load_policy
         from rlds.policy.pipeline import DTYPES
 
@@ -146,6 +148,8 @@ class SamplerActor(SamplerLoop):
             device = "cuda"
         self.policy = load_policy(config.model, device)
         self.dtype = DTYPES[config.model.dtype] if device != "cpu" else torch.float32
+        # only what the objective trains on goes into the object store
+        self.keep_chain = objective_class(config.algo.objective).needs_chain
 
     def load_weights(self, flat: np.ndarray) -> None:
         from rlds.policy import load_flat_trainable
@@ -158,4 +162,4 @@ class SamplerActor(SamplerLoop):
 
         return sample_trajectories(self.policy, prompts, self.config.sampling, seeds=seeds,
                                    policy_version=self.version, prompt_ids=prompt_ids,
-                                   sample_ids=sample_ids, dtype=self.dtype)
+                                   sample_ids=sample_ids, dtype=self.dtype, keep_chain=self.keep_chain)

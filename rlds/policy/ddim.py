@@ -30,24 +30,12 @@ def _alpha_prod_at(scheduler, t: torch.Tensor) -> torch.Tensor:
     return torch.where(t >= 0, alphas[t.clamp(min=0)], final)
 
 
-def ddim_step_with_logprob(
-    scheduler,
-    model_output: torch.Tensor,
-    timestep: torch.Tensor,
-    sample: torch.Tensor,
-    eta: float,
-    prev_sample: Optional[torch.Tensor] = None,
-    generator: Optional[list[torch.Generator]] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample x_{t-1} ~ p(. | x_t) (or score the given `prev_sample`) and return (x_{t-1}, log p).
-
-    Shapes: `model_output` and `sample` (x_t) are [B, C, H, W]; `timestep` is a scalar or one per
-    batch element [B]; `generator` is one per batch element, so that a chain's noise does not depend
-    on the batch it was drawn in. Returns x_{t-1} [B, C, H, W] float32 and log p [B] float32: the
-    Gaussian log-density averaged over all non-batch dimensions. The notation is diffusers'
+def ddim_step_mean(scheduler, model_output: torch.Tensor, timestep: torch.Tensor, sample: torch.Tensor,
+                   eta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and standard deviation of p(x_{t-1} | x_t), both float32 and broadcastable to `sample`
+    [B, C, H, W]; `timestep` is a scalar or one per batch element [B]. The notation is diffusers'
     (`DDIMScheduler.step`), the equations those of the DDIM paper (Song et al., arXiv 2010.02502),
-    whose alpha_t is diffusers' alpha_prod_t.
-    """
+    whose alpha_t is diffusers' alpha_prod_t."""
     model_output, x_t = model_output.float(), sample.float()
     t = torch.as_tensor(timestep, device=x_t.device).long().reshape(-1)
     if t.numel() == 1:
@@ -77,9 +65,28 @@ def ddim_step_with_logprob(
     # eq. (12): x_{t-1} = sqrt(a_{t-1}) x0_pred + sqrt(1 - a_{t-1} - sigma_t^2) eps_pred + sigma_t z
     pred_sample_direction = (1 - alpha_prod_t_prev - std_dev_t**2).clamp(min=0).sqrt() * pred_epsilon
     prev_sample_mean = alpha_prod_t_prev.sqrt() * pred_original_sample + pred_sample_direction
+    return prev_sample_mean, std_dev_t
 
+
+def ddim_step_with_logprob(
+    scheduler,
+    model_output: torch.Tensor,
+    timestep: torch.Tensor,
+    sample: torch.Tensor,
+    eta: float,
+    prev_sample: Optional[torch.Tensor] = None,
+    generator: Optional[list[torch.Generator]] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample x_{t-1} ~ p(. | x_t) (or score the given `prev_sample`) and return (x_{t-1}, log p).
+
+    Shapes: `model_output` and `sample` (x_t) are [B, C, H, W]; `timestep` is a scalar or one per
+    batch element [B]; `generator` is one per batch element, so that a chain's noise does not depend
+    on the batch it was drawn in. Returns x_{t-1} [B, C, H, W] float32 and log p [B] float32: the
+    Gaussian log-density averaged over all non-batch dimensions (`ddim_step_mean` gives the Gaussian).
+    """
+    prev_sample_mean, std_dev_t = ddim_step_mean(scheduler, model_output, timestep, sample, eta)
     if prev_sample is None:
-        noise = batch_randn(x_t.shape, generator, x_t.device)
+        noise = batch_randn(sample.shape, generator, sample.device)
         prev_sample = prev_sample_mean + std_dev_t * noise
     prev = prev_sample.float()
     log_prob = (
@@ -87,4 +94,11 @@ def ddim_step_with_logprob(
         - torch.log(std_dev_t)
         - math.log(math.sqrt(2 * math.pi))
     )
-    return prev, log_prob.mean(dim=tuple(range(1, x_t.ndim)))
+    return prev, log_prob.mean(dim=tuple(range(1, sample.ndim)))
+
+
+def step_kl(mean: torch.Tensor, reference_mean: torch.Tensor, std_dev_t: torch.Tensor) -> torch.Tensor:
+    """KL(p_theta || p_ref) of one step, two Gaussians with the same std: |mu - mu_ref|^2 / (2 sigma^2),
+    averaged over the non-batch dimensions as the log-prob is, [B]."""
+    kl = (mean - reference_mean) ** 2 / (2 * std_dev_t**2)
+    return kl.mean(dim=tuple(range(1, mean.ndim)))

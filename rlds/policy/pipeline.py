@@ -74,6 +74,23 @@ def load_policy(model: ModelConfig, device: str | torch.device = "cpu") -> Polic
 
 
 def load_pretrained(source: str, revision: Optional[str] = None, dtype=torch.float32) -> Policy:
+    """The parts of a diffusers model folder (or hub id), without the libraries' loading bars: every
+    sampler and learner loads the model, and their bars would bury the run's own in the log."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    bars = [(m, m.is_progress_bar_enabled()) for m in (diffusers_logging, transformers_logging)]
+    for m, _ in bars:
+        m.disable_progress_bar()
+    try:
+        return _load_parts(source, revision, dtype)
+    finally:
+        for m, enabled in bars:
+            if enabled:
+                m.enable_progress_bar()
+
+
+def _load_parts(source: str, revision: Optional[str], dtype) -> Policy:
     local = Path(source)
     index_file = local / "model_index.json"
     if local.exists() and not index_file.is_file():
@@ -139,6 +156,24 @@ def load_flat_trainable(module: torch.nn.Module, flat: np.ndarray, share: bool =
             else:
                 p.copy_(view)
             offset += n
+
+
+class WithParams:
+    """A UNet called with other values of its trainable parameters (an old or reference policy), no
+    gradient: one model in memory, and LoRA and full fine-tuning alike. Unwraps DDP."""
+
+    def __init__(self, unet: torch.nn.Module, params: dict[str, torch.Tensor]):
+        self.module, self.params = getattr(unet, "module", unet), params
+        self.config = self.module.config
+
+    def parameters(self):
+        return self.module.parameters()
+
+    @torch.no_grad()
+    def __call__(self, *args, **kwargs):
+        from torch.func import functional_call
+
+        return functional_call(self.module, self.params, args, kwargs, strict=False)
 
 
 def trainable_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -6,22 +6,24 @@ unchanged weights the learner's log-prob of a stored step equals the sampler's t
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, replace
+from typing import Optional
 
 import numpy as np
 import torch
 
 from rlds.config import SamplingConfig
-from rlds.policy.ddim import batch_randn, ddim_step_with_logprob
-from rlds.policy.pipeline import Policy
+from rlds.policy.ddim import batch_randn, ddim_step_mean, ddim_step_with_logprob, step_kl
+from rlds.policy.pipeline import Policy, WithParams
 
 
 @dataclass
 class Trajectory:
     """One sampler batch of denoising chains, as numpy arrays (zero-copy in Ray's object store)."""
-    latents: np.ndarray  # [B, T+1, C, H, W] float32: x_T ... x_0
+    latents: np.ndarray  # [B, T+1, C, H, W] float32: x_T ... x_0 (without the chain [B, 1, ...]: x_0)
     timesteps: np.ndarray  # [T] int64
-    log_probs: np.ndarray  # [B, T] float32: behaviour log p(x_{t-1} | x_t)
+    log_probs: np.ndarray  # [B, T] float32: behaviour log p(x_{t-1} | x_t) (without the chain [B, 0])
     prompt_embeds: np.ndarray  # [B, L, D]
     negative_embeds: np.ndarray  # [1, L, D]: the empty prompt, for classifier-free guidance
     images: np.ndarray  # [B, H, W, 3] uint8
@@ -34,6 +36,14 @@ class Trajectory:
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+
+def eval_sampling(cfg: SamplingConfig) -> SamplingConfig:
+    """The sampling settings the model is used (and evaluated) with: sampling.eval_guidance_scale,
+    when a run trains at another guidance scale (CFG-free training, say)."""
+    if cfg.eval_guidance_scale is None:
+        return cfg
+    return dataclasses.replace(cfg, guidance_scale=cfg.eval_guidance_scale, eval_guidance_scale=None)
 
 
 def autocast(policy: Policy, dtype: torch.dtype):
@@ -58,6 +68,8 @@ def guided_noise(policy: Policy, x: torch.Tensor, t, cond: torch.Tensor, uncond:
         return policy.unet(x, t, encoder_hidden_states=cond).sample.float()
     b = x.shape[0]
     emb = torch.cat([uncond.expand(b, -1, -1), cond])
+    if torch.is_tensor(t) and t.ndim == 1:  # one timestep per sample (the forward-process objectives)
+        t = torch.cat([t, t])
     out = policy.unet(torch.cat([x, x]), t, encoder_hidden_states=emb).sample.float()
     out_uncond, out_cond = out.chunk(2)
     return out_uncond + guidance_scale * (out_cond - out_uncond)
@@ -75,8 +87,11 @@ def decode_images(policy: Policy, x0: torch.Tensor) -> np.ndarray:
 @torch.no_grad()
 def sample_trajectories(policy: Policy, prompts: list[str], cfg: SamplingConfig, seeds,
                         policy_version: int = 0, prompt_ids=None, sample_ids=None,
-                        dtype: torch.dtype = torch.float32) -> Trajectory:
-    """One chain per prompt; chain i draws all its noise from `seeds[i]`."""
+                        dtype: torch.dtype = torch.float32, keep_chain: bool = True,
+                        guidance_scale: float | None = None) -> Trajectory:
+    """One chain per prompt; chain i draws all its noise from `seeds[i]`. `keep_chain=False` keeps
+    only x_0 of the chain (what the forward-process objectives train on); `guidance_scale` overrides
+    the config's (evaluation samples at sampling.eval_guidance_scale)."""
     device = policy.device
     b = len(prompts)
     if len(seeds) != b:
@@ -88,18 +103,24 @@ def sample_trajectories(policy: Policy, prompts: list[str], cfg: SamplingConfig,
     timesteps = policy.scheduler.timesteps
     x = batch_randn((b,) + policy.latent_shape, generators, device)
     x = x * policy.scheduler.init_noise_sigma
+    scale = cfg.guidance_scale if guidance_scale is None else guidance_scale
     latents, log_probs = [x], []
     with autocast(policy, dtype):
         for t in timesteps:
-            model_output = guided_noise(policy, x, t, cond, uncond, cfg.guidance_scale)
+            model_output = guided_noise(policy, x, t, cond, uncond, scale)
             x, logp = ddim_step_with_logprob(policy.scheduler, model_output, t, x, cfg.eta, generator=generators)
-            latents.append(x)
-            log_probs.append(logp)
+            if keep_chain:
+                latents.append(x)
+                log_probs.append(logp)
     images = decode_images(policy, x)
+    if keep_chain:
+        chain, chain_log_probs = torch.stack(latents, dim=1), torch.stack(log_probs, dim=1)
+    else:
+        chain, chain_log_probs = x[:, None], torch.zeros((b, 0), device=device)
     return Trajectory(
-        latents=torch.stack(latents, dim=1).cpu().numpy(),
+        latents=chain.cpu().numpy(),
         timesteps=timesteps.cpu().numpy().astype(np.int64),
-        log_probs=torch.stack(log_probs, dim=1).cpu().numpy(),
+        log_probs=chain_log_probs.cpu().numpy(),
         prompt_embeds=cond.cpu().numpy(),
         negative_embeds=uncond.cpu().numpy(),
         images=images,
@@ -107,7 +128,7 @@ def sample_trajectories(policy: Policy, prompts: list[str], cfg: SamplingConfig,
         prompt_ids=np.asarray(prompt_ids if prompt_ids is not None else np.zeros(b), dtype=np.int64),
         sample_ids=np.asarray(sample_ids if sample_ids is not None else np.arange(b), dtype=np.int64),
         policy_version=int(policy_version),
-        guidance_scale=float(cfg.guidance_scale),
+        guidance_scale=float(scale),
         eta=float(cfg.eta),
     )
 
@@ -116,6 +137,13 @@ def step_log_prob(policy: Policy, traj: Trajectory, step: int, dtype: torch.dtyp
     """log p_theta(x_{t-1} | x_t) of the stored step `step` (0 <= step < T) of every chain in `traj`,
     with gradient: [B] float32, from x_t = traj.latents[:, step] and x_{t-1} = traj.latents[:, step + 1]
     (each [B, C, H, W]), through the same guided UNet call and DDIM step as the sampler's."""
+    return step_log_prob_and_kl(policy, traj, step, dtype)[0]
+
+
+def step_log_prob_and_kl(policy: Policy, traj: Trajectory, step: int, dtype: torch.dtype = torch.float32,
+                         reference: Optional[dict] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """`step_log_prob`, and with `reference` (values of the trainable parameters) the step's KL to
+    that policy in closed form (`rlds.policy.ddim.step_kl`), [B]; else None."""
     device = policy.device
     # torch.tensor copies: object-store arrays are read-only, and only one step is needed.
     x_t = torch.tensor(traj.latents[:, step], device=device)
@@ -126,4 +154,11 @@ def step_log_prob(policy: Policy, traj: Trajectory, step: int, dtype: torch.dtyp
     with autocast(policy, dtype):
         model_output = guided_noise(policy, x_t, t, cond, uncond, traj.guidance_scale)
     _, logp = ddim_step_with_logprob(policy.scheduler, model_output, t, x_t, traj.eta, prev_sample=x_prev)
-    return logp
+    if reference is None:
+        return logp, None
+    with autocast(policy, dtype):
+        ref_output = guided_noise(replace(policy, unet=WithParams(policy.unet, reference)), x_t, t, cond, uncond,
+                                  traj.guidance_scale)
+    mean, std = ddim_step_mean(policy.scheduler, model_output, t, x_t, traj.eta)
+    ref_mean, _ = ddim_step_mean(policy.scheduler, ref_output, t, x_t, traj.eta)
+    return logp, step_kl(mean, ref_mean, std)

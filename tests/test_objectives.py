@@ -1,0 +1,105 @@
+"""The forward-process objectives (nft, awm) in one process: gradients, directions, old policy."""
+import numpy as np
+import pytest
+import torch
+
+from rlds.algo.matching import draw_timesteps, noised, snapshot
+from rlds.algo.objectives import OBJECTIVES, objective_class
+from rlds.algo.ppo import make_optimizer
+from rlds.config import AlgoConfig, LoraConfig, ModelConfig, SamplingConfig
+from rlds.policy import load_policy, sample_trajectories
+from rlds.policy.pipeline import trainable_parameters
+
+PROMPTS = ["a red circle", "a blue square", "a cat", "a dog"]
+
+
+def setup(objective: str, lora: bool = False, **algo):
+    torch.manual_seed(0)
+    policy = load_policy(ModelConfig(lora=LoraConfig(enabled=lora, rank=4)))
+    traj = sample_trajectories(policy, PROMPTS, SamplingConfig(num_steps=4), seeds=[0, 1, 2, 3], keep_chain=False)
+    cfg = AlgoConfig(objective=objective, timesteps_per_iteration=2, optimizer_steps=1, learning_rate=1e-3,
+                     **algo)
+    opt = make_optimizer([p for p in policy.unet.parameters() if p.requires_grad], cfg)
+    return policy, traj, cfg, opt, objective_class(objective)(policy.unet, cfg)
+
+
+def denoising_loss(policy, traj, seed=5) -> np.ndarray:
+    """Each sample's epsilon MSE at fixed noise levels and noise: [B]."""
+    x0 = torch.tensor(traj.latents[:, -1])
+    t = torch.tensor(draw_timesteps(1000, 1.0, 1, len(x0), np.random.default_rng(seed))[:, 0])
+    x_t, noise = noised(policy.scheduler, x0, t, torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        out = policy.unet(x_t, t, encoder_hidden_states=torch.tensor(traj.prompt_embeds)).sample
+    return ((out - noise) ** 2).mean(dim=(1, 2, 3)).numpy()
+
+
+def test_forward_objectives_are_registered_and_need_only_x0():
+    assert {"ppo", "nft", "awm"} <= set(OBJECTIVES)
+    assert objective_class("ppo").needs_chain
+    assert not objective_class("nft").needs_chain and not objective_class("awm").needs_chain
+    traj = sample_trajectories(load_policy(ModelConfig()), PROMPTS[:2], SamplingConfig(num_steps=4), seeds=[0, 1],
+                               keep_chain=False)
+    assert traj.latents.shape == (2, 1, 3, 16, 16) and traj.log_probs.shape == (2, 0)
+
+
+@pytest.mark.parametrize("objective", ["nft", "awm"])
+@pytest.mark.parametrize("guided", [False, True])
+def test_zero_advantages_give_zero_policy_gradient(objective, guided):
+    policy, traj, cfg, opt, obj = setup(objective, guided_training=guided)
+    grads = []
+    opt.step = lambda: grads.append([p.grad.abs().max().item() for p in policy.unet.parameters()
+                                     if p.grad is not None])  # what the step would have applied
+    stats = obj.update(policy, [traj], [np.zeros(4, np.float32)], opt, np.random.default_rng(0))
+    assert stats["grad_norm"] == 0 and len(grads[0]) > 10 and max(grads[0]) == 0
+
+
+@pytest.mark.parametrize("objective", ["nft", "awm"])
+@pytest.mark.parametrize("guided", [False, True])
+def test_a_positive_advantage_lowers_that_samples_denoising_loss(objective, guided):
+    policy, traj, cfg, opt, obj = setup(objective, clip_range=1.0, guided_training=guided)
+    before = denoising_loss(policy, traj)
+    advantages = np.array([2.0, -2.0, 0.0, 0.0], np.float32)
+    for it in range(3):
+        obj.update(policy, [traj], [advantages], opt, np.random.default_rng(it))
+        obj.end_iteration(policy.unet)
+    change = denoising_loss(policy, traj) - before
+    assert change[0] < 0 and change[0] < change[1], change
+
+
+def test_nft_old_policy_follows_its_soft_update_schedule():
+    policy, traj, cfg, opt, nft = setup("nft", old_policy_decay_rate=0.25, old_policy_decay_max=0.4)
+    params = dict(trainable_parameters(policy.unet))
+    name = next(iter(params))
+    expected = params[name].detach().clone()
+    decays = []
+    for i in range(4):
+        with torch.no_grad():
+            params[name].add_(1.0)
+        decays.append(nft.end_iteration(policy.unet)["old_policy_decay"])
+        eta = min(0.25 * i, 0.4)
+        expected = eta * expected + (1 - eta) * params[name].detach()
+        torch.testing.assert_close(nft.old[name], expected)
+    assert decays == [0.0, 0.25, 0.4, 0.4]  # eta_i = min(rate * i, max)
+
+
+def test_awm_ratio_is_exactly_one_in_the_first_step_and_clipped_after():
+    policy, traj, cfg, opt, awm = setup("awm", clip_range=1e-3)
+    stats = awm.update(policy, [traj], [np.array([1.0, -1.0, 1.0, -1.0], np.float32)], opt, np.random.default_rng(0))
+    assert stats["ratio/min"] == 1.0 and stats["ratio/max"] == 1.0
+    cfg.optimizer_steps = 2  # the second step's ratios are against the update's start
+    stats = awm.update(policy, [traj], [np.array([1.0, -1.0, 1.0, -1.0], np.float32)], opt, np.random.default_rng(1))
+    assert stats["ratio/max"] > 1.0 or stats["ratio/min"] < 1.0
+
+
+@pytest.mark.parametrize("objective", ["nft", "awm"])
+def test_forward_objectives_train_lora_adapters_only(objective):
+    policy, traj, cfg, opt, obj = setup(objective, lora=True, kl_beta=0.1)
+    frozen = {n: p.detach().clone() for n, p in policy.unet.named_parameters() if not p.requires_grad}
+    adapters = snapshot(policy.unet)
+    assert adapters and all("lora_" in n for n in adapters)
+    stats = obj.update(policy, [traj], [np.array([1.0, -1.0, 0.5, -0.5], np.float32)], opt, np.random.default_rng(0))
+    assert np.isfinite(stats["loss"]) and stats["kl"] == 0  # the first step starts at the reference
+    assert all(torch.equal(frozen[n], p) for n, p in policy.unet.named_parameters() if not p.requires_grad)
+    assert any(not torch.equal(adapters[n], p) for n, p in trainable_parameters(policy.unet))
+    stats = obj.update(policy, [traj], [np.array([1.0, -1.0, 0.5, -0.5], np.float32)], opt, np.random.default_rng(1))
+    assert stats["kl"] > 0
