@@ -65,6 +65,12 @@ class SamplingConfig:
     num_steps: int = 20
     eta: float = 1.0
     guidance_scale: float = 4.0  # 1: no classifier-free guidance (CFG-free sampling and training)
+    # [start, end): the fractions of the chain whose steps are stochastic (eta); the others are
+    # deterministic DDIM steps (eta 0), and PPO trains only the stochastic ones. None: every step.
+    stochastic_window: Optional[list[float]] = None
+    # the images of a group (one prompt) start from the same x_T, so with a deterministic prefix they
+    # share the chain up to the window and branch there
+    shared_prefix: bool = False
     # the scale `rlds eval` and `rlds sample` use, the one the model is used with; default: guidance_scale
     eval_guidance_scale: Optional[float] = None
     resolution: Optional[int] = None  # default: the UNet's sample size times the VAE factor
@@ -385,6 +391,10 @@ def check_config(c: Config, fail: Fail) -> None:
         fail("algo.pretrain_beta", "must be 0 (off) or more")
     if c.sampling.eta < 0:
         fail("sampling.eta", "must be 0 (deterministic DDIM) or more")
+    w = c.sampling.stochastic_window
+    if w is not None and (len(w) != 2 or not 0 <= w[0] < w[1] <= 1):
+        fail("sampling.stochastic_window", f"{w} is not [start, end) with 0 <= start < end <= 1, "
+             "fractions of the chain, e.g. [0, 0.5] for its first half")
     if c.sampling.eval_guidance_scale is not None and c.sampling.eval_guidance_scale < 1:
         fail("sampling.eval_guidance_scale", "must be 1 (no guidance) or more")
 

@@ -1,5 +1,5 @@
-
 import numpy as np
+import pytest
 import torch
 
 from rlds.algo import make_optimizer, ppo_update
@@ -171,3 +171,35 @@ def test_the_step_kl_to_the_reference_is_zero_at_the_reference_and_grows_as_the_
     p2 = torch.distributions.Normal(mean2.double(), std.double())
     expected = torch.distributions.kl_divergence(p1, p2).mean(dim=(1, 2, 3))
     torch.testing.assert_close(step_kl(mean1, mean2, std).double(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_a_group_shares_its_deterministic_prefix_and_branches_in_the_stochastic_window(monkeypatch):
+    import rlds.algo.ppo
+    from rlds.policy.sampling import step_etas
+
+    cfg = SamplingConfig(num_steps=6, stochastic_window=[0.5, 1.0])
+    assert step_etas(cfg).tolist() == [0, 0, 0, 1, 1, 1]
+    policy = load_policy(ModelConfig())
+    traj = sample_trajectories(policy, ["a cat", "a cat"], cfg, seeds=[1, 2], start_seeds=[9, 9])
+    assert np.array_equal(traj.latents[0, :4], traj.latents[1, :4])  # x_T and three deterministic steps
+    assert not np.allclose(traj.latents[0, 4:], traj.latents[1, 4:])  # then each its own noise
+    trained = []
+    recorded = rlds.algo.ppo.step_log_prob_and_kl
+    monkeypatch.setattr(rlds.algo.ppo, "step_log_prob_and_kl",
+                        lambda p, t, step, dtype, ref: trained.append(step) or recorded(p, t, step, dtype, ref))
+    algo = AlgoConfig(timesteps_per_iteration=3, learning_rate=1e-5)
+    opt = make_optimizer([p for p in policy.unet.parameters() if p.requires_grad], algo)
+    stats = ppo_update(policy, [traj], [np.array([1.0, -1.0], np.float32)], opt, algo, np.random.default_rng(0))
+    assert sorted(trained) == [3, 4, 5] and np.isfinite(stats["loss"])  # only the stochastic steps
+
+
+def test_ppo_needs_enough_stochastic_steps_to_train():
+    from rlds.config import ConfigError
+    from rlds.configure import load_config
+
+    base = ("prompts.items=[a cat]", "rewards=[{name: brightness}]", "sampling.num_steps=10")
+    with pytest.raises(ConfigError, match=r"algo\.timesteps_per_iteration: must be between 1 and the 2 trainable"):
+        load_config(None, base + ("sampling.stochastic_window=[0.3, 0.7]", "algo.noisiest_fraction=0.5",
+                                  "algo.timesteps_per_iteration=3"))
+    with pytest.raises(ConfigError, match=r"sampling\.stochastic_window: \[0.5, 0.2\] is not \[start, end\)"):
+        load_config(None, base + ("sampling.stochastic_window=[0.5, 0.2]",))

@@ -142,7 +142,7 @@ def forward_update(policy, trajectories, advantages, optimizer, algo, rng, no_sy
                         return guided_noise(replace(policy, unet=unet), x_t, t, cond, uncond, scale)
 
                 output = predict(policy.unet)
-                a = torch.as_tensor(np.asarray(advantages[i]), device=device, dtype=torch.float32)
+                a = torch.tensor(np.asarray(advantages[i]), device=device, dtype=torch.float32)
                 target = matching_target(scheduler, x0, noise, t)
                 loss, stats = term(policy, output, lambda params, p=predict: p(WithParams(policy.unet, params)),
                                    x_t, x0, t, target, a, first == 0)

@@ -24,18 +24,28 @@ def trainable_steps(num_steps: int, noisiest_fraction: float) -> int:
     return max(1, int(round(num_steps * noisiest_fraction)))
 
 
-def choose_steps(num_steps: int, k: int, count: int, rng: np.random.Generator) -> np.ndarray:
-    """K distinct steps among the first `num_steps` for each of `count` trajectory batches, [count, K]."""
-    return np.stack([rng.choice(num_steps, size=k, replace=False) for _ in range(count)])
+def choose_steps(candidates, k: int, count: int, rng: np.random.Generator) -> np.ndarray:
+    """K distinct steps among `candidates` (step indices; a count n means the first n) for each of
+    `count` trajectory batches, [count, K]. Generator.choice draws the same from n as from arange(n)."""
+    return np.stack([rng.choice(candidates, size=k, replace=False) for _ in range(count)])
+
+
+def trainable_step_indices(step_etas: np.ndarray, noisiest_fraction: float) -> np.ndarray:
+    """The steps PPO may train: stochastic (eta > 0) and among the chain's noisiest fraction."""
+    window = trainable_steps(len(step_etas), noisiest_fraction)
+    return np.flatnonzero(np.asarray(step_etas[:window]) > 0)
 
 
 def check_ppo(algo: AlgoConfig, sampling: SamplingConfig, fail) -> None:
     if sampling.eta <= 0:
         fail("sampling.eta", "must be above 0 for algo.objective ppo: its policy is the stochastic DDIM step")
-    window = trainable_steps(sampling.num_steps, algo.noisiest_fraction)
+    from rlds.policy.sampling import step_etas
+
+    window = len(trainable_step_indices(step_etas(sampling), algo.noisiest_fraction))
     if not 1 <= algo.timesteps_per_iteration <= window:
-        fail("algo.timesteps_per_iteration", f"must be between 1 and the {window} trainable steps "
-             f"(sampling.num_steps {sampling.num_steps} x algo.noisiest_fraction {algo.noisiest_fraction})")
+        fail("algo.timesteps_per_iteration", f"must be between 1 and the {window} trainable steps (the "
+             f"stochastic ones among sampling.num_steps {sampling.num_steps} x algo.noisiest_fraction "
+             f"{algo.noisiest_fraction})")
     k, steps = algo.timesteps_per_iteration, algo.optimizer_steps
     if steps is not None and (steps < 1 or k % steps):
         fail("algo.optimizer_steps", f"{steps} must divide algo.timesteps_per_iteration ({k}): each "
@@ -61,8 +71,8 @@ def ppo_update(policy: Policy, trajectories: Sequence[Trajectory], advantages: S
     """
     params = [p for p in policy.unet.parameters() if p.requires_grad]
     k_total = cfg.timesteps_per_iteration
-    window = trainable_steps(len(trajectories[0].timesteps), cfg.noisiest_fraction)
-    steps = choose_steps(window, k_total, len(trajectories), rng)  # [N, K]
+    candidates = trainable_step_indices(trajectories[0].step_etas, cfg.noisiest_fraction)
+    steps = choose_steps(candidates, k_total, len(trajectories), rng)  # [N, K]
     per_step = k_total // (cfg.optimizer_steps or k_total)  # denoising steps per optimizer step
     term_stats, step_stats = [], []
     for first in range(0, k_total, per_step):

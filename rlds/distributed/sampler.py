@@ -64,7 +64,7 @@ class SamplerLoop:
     def node(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
-    def make_trajectory(self, prompts: list[str], prompt_ids, seeds, sample_ids):
+    def make_trajectory(self, prompts: list[str], prompt_ids, seeds, sample_ids, start_seeds=None):
         raise NotImplementedError
 
     def load_weights(self, flat: np.ndarray) -> None:
@@ -120,9 +120,11 @@ class SamplerLoop:
         group_base = (stream << 24) + (self.batches * n) % (1 << 24)  # unique ids in a run
         group_ids = group_base + np.repeat(np.arange(n // g), g)
         seeds = rng.integers(2**62, size=n)  # one per chain: any sample can be redrawn alone
+        # a group shares its x_T (and a deterministic prefix) when the config says so
+        start_seeds = np.repeat(rng.integers(2**62, size=n // g), g) if self.config.sampling.shared_prefix else None
         prompt_ids = task.first_prompt_id + local_ids
         traj = self.make_trajectory([task.prompts[i] for i in local_ids], prompt_ids, seeds,
-                                    group_base + np.arange(n))
+                                    group_base + np.arange(n), start_seeds)
         images = ray.put(traj.images)  # a top-level argument: each reward actor receives the array
         scores = {pool.name: pool.score(images, traj.prompts, group_ids, self.batches + self.index)
                   for pool in task.pools}
@@ -157,9 +159,10 @@ class SamplerActor(SamplerLoop):
         # On CPU the weights stay in the object store's shared memory: no copy per sampler.
         load_flat_trainable(self.policy.unet, flat, share=True)
 
-    def make_trajectory(self, prompts, prompt_ids, seeds, sample_ids):
+    def make_trajectory(self, prompts, prompt_ids, seeds, sample_ids, start_seeds=None):
         from rlds.policy import sample_trajectories
 
         return sample_trajectories(self.policy, prompts, self.config.sampling, seeds=seeds,
                                    policy_version=self.version, prompt_ids=prompt_ids,
-                                   sample_ids=sample_ids, dtype=self.dtype, keep_chain=self.keep_chain)
+                                   sample_ids=sample_ids, dtype=self.dtype, keep_chain=self.keep_chain,
+                                   start_seeds=start_seeds)

@@ -32,10 +32,20 @@ class Trajectory:
     sample_ids: np.ndarray  # [B] int64, unique in the run
     policy_version: int
     guidance_scale: float
-    eta: float
+    step_etas: np.ndarray  # [T] float32: each step's eta (0: a deterministic step, never trained by PPO)
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+
+def step_etas(cfg: SamplingConfig) -> np.ndarray:
+    """Each step's eta, [num_steps]: sampling.eta inside sampling.stochastic_window, 0 outside."""
+    etas = np.full(cfg.num_steps, cfg.eta, dtype=np.float32)
+    if cfg.stochastic_window is not None:
+        position = np.arange(cfg.num_steps) / cfg.num_steps
+        start, end = cfg.stochastic_window
+        etas[(position < start) | (position >= end)] = 0.0
+    return etas
 
 
 def eval_sampling(cfg: SamplingConfig) -> SamplingConfig:
@@ -88,10 +98,11 @@ def decode_images(policy: Policy, x0: torch.Tensor) -> np.ndarray:
 def sample_trajectories(policy: Policy, prompts: list[str], cfg: SamplingConfig, seeds,
                         policy_version: int = 0, prompt_ids=None, sample_ids=None,
                         dtype: torch.dtype = torch.float32, keep_chain: bool = True,
-                        guidance_scale: float | None = None) -> Trajectory:
-    """One chain per prompt; chain i draws all its noise from `seeds[i]`. `keep_chain=False` keeps
-    only x_0 of the chain (what the forward-process objectives train on); `guidance_scale` overrides
-    the config's (evaluation samples at sampling.eval_guidance_scale)."""
+                        guidance_scale: float | None = None, start_seeds=None) -> Trajectory:
+    """One chain per prompt; chain i draws all its noise from `seeds[i]`, or its x_T from
+    `start_seeds[i]` where given (a group sharing its start). `keep_chain=False` keeps only x_0 of the
+    chain (what the forward-process objectives train on); `guidance_scale` overrides the config's
+    (evaluation samples at sampling.eval_guidance_scale)."""
     device = policy.device
     b = len(prompts)
     if len(seeds) != b:
@@ -101,14 +112,16 @@ def sample_trajectories(policy: Policy, prompts: list[str], cfg: SamplingConfig,
     uncond = encode_prompts(policy, [""])
     policy.scheduler.set_timesteps(cfg.num_steps, device=device)
     timesteps = policy.scheduler.timesteps
-    x = batch_randn((b,) + policy.latent_shape, generators, device)
+    starts = generators if start_seeds is None else [torch.Generator(device).manual_seed(int(s)) for s in start_seeds]
+    x = batch_randn((b,) + policy.latent_shape, starts, device)
     x = x * policy.scheduler.init_noise_sigma
     scale = cfg.guidance_scale if guidance_scale is None else guidance_scale
+    etas = step_etas(cfg)
     latents, log_probs = [x], []
     with autocast(policy, dtype):
-        for t in timesteps:
+        for t, eta in zip(timesteps, etas):
             model_output = guided_noise(policy, x, t, cond, uncond, scale)
-            x, logp = ddim_step_with_logprob(policy.scheduler, model_output, t, x, cfg.eta, generator=generators)
+            x, logp = ddim_step_with_logprob(policy.scheduler, model_output, t, x, float(eta), generator=generators)
             if keep_chain:
                 latents.append(x)
                 log_probs.append(logp)
@@ -129,7 +142,7 @@ def sample_trajectories(policy: Policy, prompts: list[str], cfg: SamplingConfig,
         sample_ids=np.asarray(sample_ids if sample_ids is not None else np.arange(b), dtype=np.int64),
         policy_version=int(policy_version),
         guidance_scale=float(scale),
-        eta=float(cfg.eta),
+        step_etas=etas,
     )
 
 
@@ -153,12 +166,13 @@ def step_log_prob_and_kl(policy: Policy, traj: Trajectory, step: int, dtype: tor
     uncond = torch.tensor(traj.negative_embeds, device=device)
     with autocast(policy, dtype):
         model_output = guided_noise(policy, x_t, t, cond, uncond, traj.guidance_scale)
-    _, logp = ddim_step_with_logprob(policy.scheduler, model_output, t, x_t, traj.eta, prev_sample=x_prev)
+    eta = float(traj.step_etas[step])
+    _, logp = ddim_step_with_logprob(policy.scheduler, model_output, t, x_t, eta, prev_sample=x_prev)
     if reference is None:
         return logp, None
     with autocast(policy, dtype):
         ref_output = guided_noise(replace(policy, unet=WithParams(policy.unet, reference)), x_t, t, cond, uncond,
                                   traj.guidance_scale)
-    mean, std = ddim_step_mean(policy.scheduler, model_output, t, x_t, traj.eta)
-    ref_mean, _ = ddim_step_mean(policy.scheduler, ref_output, t, x_t, traj.eta)
+    mean, std = ddim_step_mean(policy.scheduler, model_output, t, x_t, eta)
+    ref_mean, _ = ddim_step_mean(policy.scheduler, ref_output, t, x_t, eta)
     return logp, step_kl(mean, ref_mean, std)
