@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 
 from rlds.algo.loss import clipped_policy_loss
-from rlds.algo.matching import kl_to_reference, per_sample_mean, snapshot
-from rlds.algo.nft import check_timesteps, forward_update
+from rlds.algo.matching import check_timesteps, forward_update, kl_to_reference, per_sample_mean, snapshot
 from rlds.algo.objectives import Objective
 
 
@@ -30,7 +29,9 @@ class AWM(Objective):
         check_timesteps(algo, fail)
 
     def update(self, policy, trajectories, advantages, optimizer, rng, no_sync=None, dtype=torch.float32):
-        self.start = snapshot(policy.unet)  # the weights the ratio is taken against
+        # the weights later optimizer steps take the ratio against (the first step's ratio is 1)
+        multi = (self.algo.optimizer_steps or self.algo.timesteps_per_iteration) > 1
+        self.start = snapshot(policy.unet) if multi else None
         return forward_update(policy, trajectories, advantages, optimizer, self.algo, rng, no_sync, dtype,
                               self._term)
 

@@ -1,5 +1,5 @@
 """The forward (noising) process on the policy's own clean samples: what the forward-process
-objectives (`nft`, `awm`) share.
+objectives (`nft`, `awm`) share, their update loop (`forward_update`) included.
 
 They train the denoising (score-matching) loss of pretraining on x_0 that the policy drew itself,
 weighted by reward, so they need only x_0, the prompt embeddings and the advantages: no stored
@@ -9,11 +9,16 @@ so LoRA and full fine-tuning work alike and no second model is built.
 """
 from __future__ import annotations
 
+import contextlib
+from dataclasses import replace
 from typing import Optional
 
 import numpy as np
 import torch
-from rlds.policy.pipeline import trainable_parameters
+
+from rlds.policy.pipeline import WithParams, trainable_parameters
+from rlds.policy.sampling import autocast, guided_noise
+from rlds.stats import reduce_metrics
 
 
 def draw_timesteps(num_train_timesteps: int, noisiest_fraction: float, k: int, count: int,
@@ -76,3 +81,60 @@ def kl_to_reference(output: torch.Tensor, reference: Optional[torch.Tensor]) -> 
     if reference is None:
         return torch.zeros(output.shape[0], device=output.device)
     return per_sample_mean((output - reference) ** 2)
+
+
+def check_timesteps(algo, fail) -> None:
+    k, steps = algo.timesteps_per_iteration, algo.optimizer_steps
+    if k < 1:
+        fail("algo.timesteps_per_iteration", "must be at least 1 (noise levels trained per sample)")
+    if steps is not None and (steps < 1 or k % steps):
+        fail("algo.optimizer_steps", f"{steps} must divide algo.timesteps_per_iteration ({k})")
+
+
+def forward_update(policy, trajectories, advantages, optimizer, algo, rng, no_sync, dtype,
+                   term) -> dict[str, float]:
+    """The update loop the forward-process objectives share: K stratified noise levels per sample
+    (`draw_timesteps`), each a fresh x_t of the sample's own x_0, trained in `algo.optimizer_steps`
+    optimizer steps; `term(policy, output, predict_with, x_t, x0, t, target, advantages, fresh)` gives a
+    term's loss and figures: `predict_with(params)` is the same output with other values of the
+    trainable parameters (an old or reference policy, no gradient), `fresh` says the term is in the
+    first optimizer step, while the weights are the update's start. The output is the conditional
+    one, or with algo.guided_training the guided one at the sampler's guidance scale.
+    Shapes: x_0 [B, C, H, W] per trajectory batch, advantages [B]."""
+    scheduler = policy.scheduler
+    device = next(unwrap(policy.unet).parameters()).device
+    params = [p for p in policy.unet.parameters() if p.requires_grad]
+    k_total = algo.timesteps_per_iteration
+    per_step = k_total // (algo.optimizer_steps or k_total)
+    T = scheduler.config.num_train_timesteps
+    steps = [draw_timesteps(T, algo.noisiest_fraction, k_total, len(traj), rng) for traj in trajectories]
+    generator = torch.Generator(device).manual_seed(int(rng.integers(2**62)))
+    term_stats, step_stats = [], []
+    for first in range(0, k_total, per_step):
+        optimizer.zero_grad(set_to_none=True)
+        terms = [(i, k) for k in range(first, first + per_step) for i in range(len(trajectories))]
+        for count, (i, k) in enumerate(terms):
+            ctx = no_sync() if (no_sync is not None and count < len(terms) - 1) else contextlib.nullcontext()
+            with ctx:
+                traj = trajectories[i]
+                x0, cond = clean_inputs(traj, device)
+                uncond = torch.tensor(traj.negative_embeds, device=device)
+                scale = traj.guidance_scale if algo.guided_training else 1.0
+                t = torch.as_tensor(steps[i][:, k], device=device)
+                x_t, noise = noised(scheduler, x0, t, generator)
+
+                def predict(unet, x_t=x_t, t=t, cond=cond, uncond=uncond, scale=scale):
+                    with autocast(policy, dtype):
+                        return guided_noise(replace(policy, unet=unet), x_t, t, cond, uncond, scale)
+
+                output = predict(policy.unet)
+                a = torch.tensor(np.asarray(advantages[i]), device=device, dtype=torch.float32)
+                target = matching_target(scheduler, x0, noise, t)
+                loss, stats = term(policy, output, lambda params, p=predict: p(WithParams(policy.unet, params)),
+                                   x_t, x0, t, target, a, first == 0)
+                (loss / len(terms)).backward()
+            term_stats.append(stats)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, algo.max_grad_norm)
+        step_stats.append({"grad_norm": float(grad_norm)})
+        optimizer.step()
+    return {**reduce_metrics(term_stats), **reduce_metrics(step_stats)}

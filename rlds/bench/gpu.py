@@ -90,7 +90,7 @@ def sd2_architecture():
     from rlds.policy.builder import Architecture
 
     return Architecture(unet=SD2_UNET_CONFIG, text_encoder=SD2_TEXT_CONFIG, max_prompt_length=77, vae=SD_VAE_CONFIG,
-                        text_dtype=torch.bfloat16)
+                        frozen_dtype=torch.bfloat16)
 
 
 def tiny_bench_architecture():

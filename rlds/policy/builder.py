@@ -62,7 +62,7 @@ class Architecture:
     vocab: Optional[list[str]] = None  # the tokenizer's words (default TINY_VOCAB)
     vae: Optional[dict] = None  # AutoencoderKL keyword arguments, for a latent model
     seed: int = 0
-    text_dtype: torch.dtype = torch.float32  # the frozen text encoder's (and VAE's) weights
+    frozen_dtype: torch.dtype = torch.float32  # the weights of the frozen parts: text encoder, VAE
 
 
 def unet_blocks(levels: int, cross_attention_at_top: bool) -> dict:
@@ -109,9 +109,9 @@ def build_policy(arch: Architecture, device: str | torch.device = "cpu") -> Poli
                                  eos_token_id=tokenizer.eos_token_id)
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(arch.seed)
-        text_encoder = CLIPTextModel(text_config).to(arch.text_dtype)
+        text_encoder = CLIPTextModel(text_config).to(arch.frozen_dtype)
         unet = UNet2DConditionModel(**arch.unet)
-        vae = AutoencoderKL(**arch.vae).to(arch.text_dtype) if arch.vae is not None else None
+        vae = AutoencoderKL(**arch.vae).to(arch.frozen_dtype) if arch.vae is not None else None
     return Policy(tokenizer, text_encoder, unet, sd_scheduler(), vae)
 
 
