@@ -8,8 +8,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["rlds", "rlds.*"]),
-    # the shipped ShapesWorld base model (safetensors, configs, tokenizer, model card)
-    package_data={"rlds": ["models/*/*", "models/*/*/*"]},
+    # the shipped ShapesWorld base model (safetensors, configs, tokenizer, model card, its evaluation)
+    package_data={"rlds": ["models/*/*", "models/*/*/*", "models/*/*/*/*"]},
     install_requires=[
         "torch>=2.4,<3",
         "ray[default]>=2.40,<3",

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-DEFAULT_CONFIG = "shapes_joint"  # ShapesWorld's three tasks at once, then the eval table
+DEFAULT_CONFIG = "shapes_nft"  # ShapesWorld composition with DiffusionNFT, then the eval table
 BENCH_CONFIG = "tiny"  # a random-weight model: measures the system, not the model
 
 
@@ -72,11 +72,14 @@ def cmd_eval(args) -> int:
     results = evaluate(config, out, args.checkpoint, args.seed, args.composition_prompts, args.composition_seeds,
                        args.group_size, progress=not args.no_progress)
     if args.model_card:
-        from rlds.eval import write_model_card
+        from rlds.eval import ship_base_evaluation, write_model_card
         from rlds.policy.pipeline import model_location
 
         folder = Path(model_location(config.model.source))
         write_model_card(folder, results, "rlds eval " + " ".join(sys.argv[2:]))
+        shipped = ship_base_evaluation(config, args.composition_prompts, args.composition_seeds, args.group_size,
+                                       args.seed)
+        print(f"wrote {shipped}")
     print(format_table(results))
     print(f"wrote {out}/eval.json and {out}/report.md")
     return 0
@@ -129,6 +132,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def cmd_plot(args) -> int:
+    from rlds.plot import plot_runs
+
+    print(plot_runs([Path(r) for r in args.runs], Path(args.out), args.smooth))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rlds", description="Reinforcement learning for text-to-image diffusion models, on Ray.")
@@ -173,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--group-size", type=positive_int, default=16, help="images per colour-free prompt")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.add_argument("--model-card", action="store_true",
-                    help="also write the base model's figures into its model card (model.source/README.md)")
+                    help="also write the base model's figures into its model card (model.source/README.md) "
+                         "and keep them in its folder (model.source/eval/), where every later eval finds them")
     ev.set_defaults(func=cmd_eval)
 
     bench = sub.add_parser(
@@ -193,6 +204,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="size of the published state (default: the SD2 UNet in bf16, 1.73 GB)")
     bench.add_argument("--iterations", type=int, default=8, help="timed iterations per training run")
     bench.set_defaults(func=cmd_bench)
+
+    plot = sub.add_parser(
+        "plot", help="draw runs' curves: rewards and validation against samples and minutes",
+        description="One row per figure (each task's training reward, smoothed; each validation score), "
+                    "one line per run, coloured by config name: pass the seeds of several recipes to "
+                    "compare them, e.g. `rlds plot runs/shapes_nft-* --out curves.png`.")
+    plot.add_argument("runs", nargs="+", help="run folders (each with metrics.jsonl)")
+    plot.add_argument("--out", default="curves.png", help="the PNG to write (default: curves.png)")
+    plot.add_argument("--smooth", type=positive_int, default=5, help="moving average of training rewards, iterations")
+    plot.set_defaults(func=cmd_plot)
 
     pre = sub.add_parser(
         "pretrain", help="pretrain the ShapesWorld base model; writes a model folder",

@@ -83,6 +83,10 @@ class PromptConfig:
     items: list[str] = field(default_factory=list)
     file: Optional[str] = None
     shapes: Optional[str] = None
+    # the validation split, scored while training runs (`validation`), never trained on: a list or
+    # a file (one prompt a line); a ShapesWorld task has its own (rlds.data.shapes.split)
+    validation_items: list[str] = field(default_factory=list)
+    validation_file: Optional[str] = None
 
 
 @dataclass
@@ -181,6 +185,23 @@ class ReplayConfig:
 
 
 @dataclass
+class ValidationConfig:
+    """Scoring the policy on each task's validation prompts while it trains: fixed prompts and seeds,
+    sampled as the model is used (sampling.eval_guidance_scale), scored by the task's rewards, logged
+    as val/<task>/... in metrics.jsonl and TensorBoard. The final checkpoint stays the result."""
+    every: int = 0  # iterations between validations; 0: off
+    images_per_task: int = 16  # per task: images_per_task / images_per_prompt prompts, a group each
+    seed: int = 0
+    num_cpus: float = 0.25
+    num_gpus: float = 0.0
+    # Stop early when `stop_metric` (a val/ key, higher is better) has not risen by more than
+    # stop_min_delta above its best for stop_patience validations in a row; None: never
+    stop_metric: Optional[str] = None
+    stop_patience: int = 3
+    stop_min_delta: float = 0.0
+
+
+@dataclass
 class RayConfig:
     address: Optional[str] = None  # None: join a running cluster if there is one, else start one
     num_cpus: Optional[int] = None  # only when starting a local instance
@@ -208,6 +229,7 @@ class Config:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
 
@@ -397,6 +419,39 @@ def check_config(c: Config, fail: Fail) -> None:
              "fractions of the chain, e.g. [0, 0.5] for its first half")
     if c.sampling.eval_guidance_scale is not None and c.sampling.eval_guidance_scale < 1:
         fail("sampling.eval_guidance_scale", "must be 1 (no guidance) or more")
+    _check_validation(c, fail)
+
+
+def _check_validation(c: Config, fail: Fail) -> None:
+    v = c.validation
+    if v.every < 0:
+        fail("validation.every", "must be 0 (off) or a number of iterations")
+    if v.every == 0:
+        if v.stop_metric is not None:
+            fail("validation.stop_metric", "stopping early needs validation: set validation.every")
+        return
+    for key, t in task_sections(c):
+        if v.images_per_task < t.images_per_prompt or v.images_per_task % t.images_per_prompt:
+            group_key = f"{key}images_per_prompt" if key else "sampler.images_per_prompt"
+            fail("validation.images_per_task", f"{v.images_per_task} is not a multiple of {group_key} "
+                 f"({t.images_per_prompt}): each validation prompt gets a whole group")
+    if v.stop_patience < 1:
+        fail("validation.stop_patience", "must be at least 1 (validations without improvement)")
+    keys = validation_keys(c)
+    if v.stop_metric is not None and v.stop_metric not in keys:
+        fail("validation.stop_metric", f"{v.stop_metric!r} is not a validation figure of this run; one of "
+             f"{', '.join(keys)}")
+
+
+def validation_keys(c: Config) -> list[str]:
+    """The figures a validation logs: each task's mean reward and each of its rewards' means, under
+    val/<task>/ (val/ alone for a single-task config, as reward/ is)."""
+    tasks = task_list(c)
+    keys = []
+    for t in tasks:
+        prefix = f"val/{t.name}/" if len(tasks) > 1 else "val/"
+        keys += [f"{prefix}mean"] + [f"{prefix}{r.name}/mean" for r in t.rewards]
+    return keys
 
 
 def _check_task_sizes(t: TaskConfig, key: str, c: Config, fail: Fail) -> None:

@@ -32,7 +32,7 @@ def validate(c: Config, where: str = "config") -> None:
     fail = failer(where)
     check_config(c, fail)
     for i, (key, task) in enumerate(task_sections(c)):
-        check_prompts(task.prompts, key, fail)
+        check_prompts(task.prompts, key, fail, validation=c.validation.every > 0)
         check_rewards(task.rewards, f"{key}rewards", fail)
         group_key = f"{key}images_per_prompt" if key else "sampler.images_per_prompt"
         own_mode = bool(c.tasks) and c.tasks[i].advantage is not None  # else it is algo.advantage

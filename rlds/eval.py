@@ -30,7 +30,7 @@ from rlds.policy import load_policy, sample_trajectories
 from rlds.policy.sampling import eval_sampling
 from rlds.rewards.shapes import ShapesComposition, ShapesQuality, colour_label, statistical_parity
 
-EVAL_VERSION = 5  # raise when what evaluate_policy measures changes: cached base figures are then redone
+EVAL_VERSION = 6  # raise when what evaluate_policy measures changes: cached base figures are then redone
 
 
 def _images(policy, prompts: list[str], seeds: list[int], config: Config, batch: int, desc: str,
@@ -97,7 +97,7 @@ def evaluate_policy(policy, config: Config, composition_prompts: Optional[int] =
                           "accuracy_se": _standard_error(single_correct), "prompts": len(singles),
                           "seeds": single_seeds},
         "fairness": {**fairness, "group_size": fairness_group},
-        "quality": {"mean": float(np.mean(quality))},
+        "quality": {"mean": float(np.mean(quality)), "se": float(np.std(quality) / np.sqrt(len(quality)))},
     }
     images = {"composition": (comp_images, comp_all), "fairness": (fair_images, fair_all)}
     return figures, images
@@ -120,8 +120,9 @@ def evaluate(config: Config, out: Path, checkpoint: Optional[str] = None, seed: 
         if ckpt:
             load_trainable_file(policy.unet, ckpt)
         results[name], images[name] = evaluate_policy(policy, config, *args, progress=progress)
-        if name == "base":
-            _write_base_cache(config, args, results[name], images[name])
+        paths = _base_cache_paths(config, args) if name == "base" else []
+        if paths:
+            _write_base_cache(paths[-1], results[name], images[name])
     (out / "eval.json").write_text(json.dumps(results, indent=2))
     write_report(results, images, out)
     return results
@@ -130,48 +131,76 @@ def evaluate(config: Config, out: Path, checkpoint: Optional[str] = None, seed: 
 GRID = 16  # images per part in the report's grids
 
 
-def _base_cache_path(config: Config, args: tuple) -> Optional[Path]:
-    """Where the base model's evaluation is kept: keyed by the model (its files' sizes and times),
-    the sampling settings and the evaluation's arguments; None for a hub model (nothing to key on)."""
+def _base_cache_key(config: Config, args: tuple) -> Optional[str]:
+    """What the base model's evaluation depends on, as a digest: the evaluation's version and
+    arguments, the sampling settings, the model's config and its weights' contents (not where the
+    folder is, so the figures a model folder ships hold wherever it is cloned); None for a hub model."""
     import dataclasses
     import hashlib
 
-    from rlds.data.pretrain_set import cache_dir
     from rlds.policy.pipeline import model_location
 
     source = config.model.source
     folder = Path(model_location(source))
     if source != "tiny" and not folder.is_dir():
         return None
-    files = sorted((str(f.relative_to(folder)), f.stat().st_size, f.stat().st_mtime_ns)
+    files = sorted((f.relative_to(folder).as_posix(), hashlib.sha256(f.read_bytes()).hexdigest())
                    for f in folder.rglob("*.safetensors")) if source != "tiny" else []
     sampling = dataclasses.asdict(eval_sampling(config.sampling))
-    del sampling["eval_guidance_scale"]  # None once resolved: keys made before it existed still match
-    key = json.dumps([EVAL_VERSION, dataclasses.asdict(config.model), str(folder), files,
-                      sampling, list(args)], sort_keys=True, default=str)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:20]
-    return cache_dir() / "eval" / f"base-{digest}"
+    del sampling["eval_guidance_scale"]  # None once resolved
+    model = dataclasses.asdict(config.model)
+    model["source"] = source if source in ("tiny", "shapes") else "folder"
+    key = json.dumps([EVAL_VERSION, model, files, sampling, list(args)], sort_keys=True, default=str)
+    return "base-" + hashlib.sha256(key.encode()).hexdigest()[:20]
+
+
+def _base_cache_paths(config: Config, args: tuple) -> list[Path]:
+    """Where the base model's evaluation may be kept: the figures its model folder ships
+    (`rlds eval --model-card` writes them there), then the user's cache."""
+    from rlds.data.pretrain_set import cache_dir
+    from rlds.policy.pipeline import model_location
+
+    key = _base_cache_key(config, args)
+    if key is None:
+        return []
+    shipped = [Path(model_location(config.model.source)) / "eval" / key] if config.model.source != "tiny" else []
+    return shipped + [cache_dir() / "eval" / key]
 
 
 def _read_base_cache(config: Config, args: tuple):
-    path = _base_cache_path(config, args)
-    if path is None or not (path / "figures.json").is_file():
-        return None
-    saved = json.loads((path / "figures.json").read_text())
-    with np.load(path / "grids.npz", allow_pickle=False) as grids:
-        images = {part: (grids[part], saved["prompts"][part]) for part in ("composition", "fairness")}
-    return saved["figures"], images
+    for path in _base_cache_paths(config, args):
+        if (path / "figures.json").is_file():
+            saved = json.loads((path / "figures.json").read_text())
+            with np.load(path / "grids.npz", allow_pickle=False) as grids:
+                images = {part: (grids[part], saved["prompts"][part]) for part in ("composition", "fairness")}
+            return saved["figures"], images
+    return None
 
 
-def _write_base_cache(config: Config, args: tuple, figures: dict, images: dict) -> None:
-    path = _base_cache_path(config, args)
-    if path is None:
-        return
+def _write_base_cache(path: Path, figures: dict, images: dict) -> None:
     path.mkdir(parents=True, exist_ok=True)
     # figures.json last: its presence means the entry is complete
     np.savez(path / "grids.npz", **{part: images[part][0][:GRID] for part in images})
     prompts = {part: list(images[part][1][:GRID]) for part in images}
     (path / "figures.json").write_text(json.dumps({"figures": figures, "prompts": prompts}))
+
+
+def ship_base_evaluation(config: Config, composition_prompts: Optional[int] = None, composition_seeds: int = 2,
+                         fairness_group: int = 16, seed: int = 0) -> Path:
+    """Copy the base model's cached evaluation into its model folder, where `evaluate` finds it on any
+    machine (the first `rlds train` then evaluates only the tuned model)."""
+    import shutil
+
+    paths = _base_cache_paths(config, (composition_prompts, composition_seeds, fairness_group, seed))
+    if len(paths) != 2:
+        raise ValueError(f"model.source {config.model.source!r}: only a model folder can keep its evaluation")
+    shipped, cached = paths
+    if not (cached / "figures.json").is_file():
+        raise FileNotFoundError(f"{cached}: the base model has not been evaluated with these arguments")
+    if shipped.exists():
+        shutil.rmtree(shipped)
+    shutil.copytree(cached, shipped)
+    return shipped
 
 
 def write_model_card(model_dir: Path, results: dict, command: str) -> None:
@@ -197,7 +226,7 @@ def write_model_card(model_dir: Path, results: dict, command: str) -> None:
         f"same seeds) | {b['fairness']['training_prompts']['statistical_parity']:.4f} |",
         "| colours drawn for colour-free prompts | " + ", ".join(
             f"{k} {v:.0%}" for k, v in b["fairness"]["colour_shares"].items()) + " |",
-        f"| quality | {b['quality']['mean']:.3f} |", "", EVAL_END])
+        f"| quality | {b['quality']['mean']:.3f} ± {b['quality']['se']:.3f} |", "", EVAL_END])
     head, rest = text.split(EVAL_START, 1)
     card.write_text(head + table + rest.split(EVAL_END, 1)[1])
 
@@ -213,7 +242,7 @@ ROWS = [("composition accuracy ± s.e. (held-out, higher is better)", "compositi
         ("statistical parity (held-out, lower is fairer)", "fairness.statistical_parity", "{:.4f}".format),
         ("statistical parity (training prompts, eval seeds)", "fairness.training_prompts.statistical_parity",
          "{:.4f}".format),
-        ("quality", "quality.mean", "{:.3f}".format)]
+        ("quality ± s.e.", "quality", lambda q: f"{q['mean']:.3f} ± {q['se']:.3f}")]
 
 
 def _figure(figures: dict, path: str):

@@ -17,13 +17,14 @@ import ray
 
 from rlds.algo.advantages import PerPromptStatTracker, compute_advantages
 from rlds.checkpoint import read_checkpoint, save_checkpoint
-from rlds.config import Config, dump_config, task_list
-from rlds.data.prompts import prompt_list
+from rlds.config import Config, dump_config, task_list, validation_keys
+from rlds.data.prompts import prompt_list, validation_prompts
 from rlds.distributed.learner import LearnerGroup
-from rlds.distributed.protocol import TrainingBatch, UpdateResult
+from rlds.distributed.protocol import TrainingBatch, UpdateResult, ValidationResult
 from rlds.distributed.replay import ReplayStore, next_batch
 from rlds.distributed.reward import RewardPool
 from rlds.distributed.sampler import SamplerActor, SamplerTask
+from rlds.distributed.validation import EarlyStopping, ValidationTask, Validator, validation_set
 from rlds.distributed.weights import WeightStore
 from rlds.metrics import MetricsWriter, read_metrics, save_grid
 from rlds.stats import group_diagnostics, timer
@@ -70,7 +71,7 @@ class Trainer:
         self.progress = progress
         self.tasks = task_list(config)
         self.prompts = [prompt_list(t) for t in self.tasks]
-        self.restarts = {"sampler": 0}
+        self.restarts = {"sampler": 0, "validator": 0}
         self.incarnations: dict[int, int] = {}
 
     # ------------------------------------------------------------------ setup
@@ -95,6 +96,15 @@ class Trainer:
         self.loops: list = [None] * c.sampler.num_workers
         for i in range(c.sampler.num_workers):
             self._start_sampler(i)
+        self.validating = None
+        self.validator = self._start_validator() if c.validation.every else None
+
+    def _start_validator(self):
+        c, v = self.config, self.config.validation
+        tasks = [ValidationTask(t.name, validation_set(validation_prompts(t), v.images_per_task, t.images_per_prompt),
+                                t.images_per_prompt, pools, {r.name: r.weight for r in t.rewards})
+                 for t, pools in zip(self.tasks, self.pools)]
+        return Validator.options(num_cpus=v.num_cpus, num_gpus=v.num_gpus).remote(c, tasks)
 
     def _start_sampler(self, index: int) -> None:
         c = self.config
@@ -207,6 +217,8 @@ class Trainer:
             self._start(run_dir, start, state)
             self._loop(run_dir, writer, start, samples)
         finally:
+            if getattr(self, "validating", None) is not None:  # a row waiting for figures that never came
+                writer.write(self.validating[0])
             writer.close()
             self._stop()
             if started_ray:
@@ -221,6 +233,9 @@ class Trainer:
 
         idle_gauge = metrics.Gauge("rlds_learner_idle_ratio", "Share of an iteration the learners wait for data")
         bar = tqdm(total=c.iterations, initial=start, desc="rlds train", unit="it", disable=not self.progress)
+        v = c.validation
+        stopper = EarlyStopping(v.stop_metric, v.stop_patience, v.stop_min_delta) if v.stop_metric else None
+        val_key, shown_val = v.stop_metric or validation_keys(c)[0], ""
         last = time.perf_counter()
         for it in range(start, c.iterations):
             self._check_samplers()
@@ -246,21 +261,75 @@ class Trainer:
                    "throughput/samples_per_s": c.algo.batch_size / (now - last),
                    "replay/depth": store["depth"], "samples_generated": store["added"],
                    "restarts/sampler": self.restarts["sampler"]}
-            row.update({f"drops/{k}": v for k, v in store["drops"].items()})
+            row.update({f"drops/{k}": n for k, n in store["drops"].items()})
+            if self.validator is not None:
+                row["restarts/validator"] = self.restarts["validator"]
             last = now
             idle_gauge.set(row["time/learner_idle_ratio"])
-            writer.write(row)
+            done, validation = self._validation(row, it + 1 == c.iterations)
+            for ready in done:
+                writer.write(ready)
+            stop = validation is not None and stopper is not None and stopper.should_stop(validation)
             if c.sample_grid_every and (it + 1) % c.sample_grid_every == 0:
                 self._save_grid(run_dir, batch, it + 1)
-            if (it + 1) % c.checkpoint_every == 0 or it + 1 == c.iterations:
+            if (it + 1) % c.checkpoint_every == 0 or it + 1 == c.iterations or stop:
                 self._checkpoint(run_dir, it + 1, samples)
             if not self.progress:  # logs (a Ray job's, say) get a line where a terminal gets a bar
-                log.info("iteration %d/%d  reward %.4g  %.1f samples/s  lag %d", it + 1, c.iterations,
-                         row["reward/mean"], row["throughput/samples_per_s"], row["policy_lag/max"])
-            bar.set_postfix(reward=f"{row['reward/mean']:.4g}",
+                val = "".join(f"  {k} {x:.4g}" for k, x in validation.figures.items()
+                              if k.count("/") <= 2) if validation is not None else ""
+                log.info("iteration %d/%d  reward %.4g  %.1f samples/s  lag %d%s", it + 1, c.iterations,
+                         row["reward/mean"], row["throughput/samples_per_s"], row["policy_lag/max"], val)
+            if validation is not None:  # the bar keeps the newest validation score in view
+                shown_val = f"{validation.figures[val_key]:.4g}"
+            bar.set_postfix(reward=f"{row['reward/mean']:.4g}", **({"val": shown_val} if shown_val else {}),
                             samples_s=f"{row['throughput/samples_per_s']:.1f}", lag=row["policy_lag/max"])
             bar.update(1)
+            if stop:
+                log.warning("stopping early after iteration %d: %s (validation.stop_metric); the checkpoint "
+                            "of this iteration is the result", it + 1, stopper.reason())
+                break
         bar.close()
+
+    def _validation(self, row: dict, last_iteration: bool) -> tuple[list[dict], Optional[ValidationResult]]:
+        """The rows ready to write, and the validation that finished, if one did.
+
+        A validation of the weights after iteration i starts when i is done and runs beside the next
+        iteration; row i waits for its figures and is written with row i + 1 (after the last
+        iteration, at once)."""
+        ready, result = [], None
+        if self.validating is not None:  # the previous iteration's
+            held, ref = self.validating
+            self.validating = None
+            result = self._validation_result(ref, held)
+            ready.append(held)
+        every = self.config.validation.every
+        if self.validator is not None and (row["iteration"] % every == 0 or last_iteration):
+            ref = self.validator.validate.remote(self.weights)
+            if not last_iteration:
+                self.validating = (row, ref)
+                return ready, result
+            result = self._validation_result(ref, row)
+        return ready + [row], result
+
+    def _validation_result(self, ref, row: dict) -> Optional[ValidationResult]:
+        """Wait for a validation and put its figures in `row`. One that fails or hangs is counted
+        (`restarts/validator`) and its actor replaced; training goes on without those figures."""
+        timeout = self.config.ray.actor_timeout_s
+        try:
+            done, _ = ray.wait([ref], timeout=timeout)
+            if not done:
+                raise TimeoutError(f"no answer in {timeout} s (ray.actor_timeout_s)")
+            result = ray.get(done[0])
+        except Exception as e:  # noqa: BLE001 (a dead or failing validator is handled the same way)
+            log.warning("the validation of iteration %d failed (%s); starting a new validator", row["iteration"],
+                        _last_line(e))
+            ray.kill(self.validator)
+            self.restarts["validator"] += 1
+            self.validator = self._start_validator()
+            row["restarts/validator"] = self.restarts["validator"]
+            return None
+        row.update({**result.figures, "val/iteration": result.version, "time/validation_s": result.seconds})
+        return result
 
     def _stop(self) -> None:
         if not hasattr(self, "store"):
@@ -274,6 +343,8 @@ class Trainer:
         for pool in (p for pools in self.pools for p in pools):
             for actor in pool.actors:
                 ray.kill(actor)
+        if getattr(self, "validator", None) is not None:
+            ray.kill(self.validator)
         if hasattr(self, "learners"):
             self.learners.shutdown()
         ray.kill(self.store)

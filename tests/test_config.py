@@ -171,3 +171,24 @@ def test_changes_made_in_code_are_checked_like_a_file():
         with_changes(c, {"replay.max_staleness": -1})
     with pytest.raises(ConfigError, match=r"algo\.nope: unknown key"):
         with_changes(c, {"algo.nope": 1})
+
+
+def test_validation_is_checked_against_the_tasks_it_scores(tmp_path):
+    with pytest.raises(ConfigError, match=r"run\.yaml: prompts: validation\.every is on, and this task has no "
+                                          r"validation prompts: give prompts\.validation_items"):
+        load_config(write(tmp_path, BASE + "validation: {every: 5}\n"))
+    ok = BASE.replace("items: [a cat]", "items: [a cat], validation_items: [a dog]")
+    c = load_config(write(tmp_path, ok + "validation: {every: 5, stop_metric: val/brightness/mean}\n"))
+    assert c.validation.every == 5
+    with pytest.raises(ConfigError, match=r"validation\.stop_metric: 'val/cat/mean' is not a validation figure "
+                                          r"of this run; one of val/mean, val/brightness/mean"):
+        load_config(write(tmp_path, ok + "validation: {every: 5, stop_metric: val/cat/mean}\n"))
+    with pytest.raises(ConfigError, match=r"validation\.stop_metric: stopping early needs validation"):
+        load_config(write(tmp_path, ok + "validation: {stop_metric: val/mean}\n"))
+    with pytest.raises(ConfigError, match=r"validation\.images_per_task: 6 is not a multiple of "
+                                          r"sampler\.images_per_prompt \(4\)"):
+        load_config(write(tmp_path, ok + "sampler: {images_per_prompt: 4}\n"
+                                         "validation: {every: 5, images_per_task: 6}\n"))
+    with pytest.raises(ConfigError, match=r"prompts: a ShapesWorld task has its own validation split"):
+        load_config(write(tmp_path, "prompts: {shapes: composition, validation_items: [a dog]}\n"
+                                    "rewards: [{name: shapes_composition}]\n"))

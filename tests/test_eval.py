@@ -50,3 +50,35 @@ def test_eval_refuses_a_count_below_one(capsys):
         with pytest.raises(SystemExit):
             main(["eval", "configs/tiny.yaml", flag, "0"])
         assert f"{flag}: 0 is not a positive whole number" in capsys.readouterr().err
+
+
+def test_a_model_folder_ships_its_base_evaluation_wherever_it_is_copied(tmp_path, monkeypatch):
+    """`rlds eval --model-card` leaves the base figures in the model folder, keyed by the weights'
+    contents (not the folder's place or file times): a copy elsewhere evaluates only the tuned model."""
+    import shutil
+
+    from rlds.config import ModelConfig
+    from rlds.policy import load_policy
+    from rlds.policy.pipeline import save_policy
+    from rlds.pretrain import EVAL_END, EVAL_START
+
+    folder = tmp_path / "model"
+    save_policy(load_policy(ModelConfig()), folder)
+    (folder / "README.md").write_text(f"# a model\n\n{EVAL_START}\n{EVAL_END}\n")
+    small = ["sampling.num_steps=3", "algo.timesteps_per_iteration=2", "--composition-prompts", "2",
+             "--composition-seeds", "1", "--group-size", "2"]
+    assert main(["eval", "configs/tiny.yaml", f"model.source={folder}", *small, "--out", str(tmp_path / "e1"),
+                 "--model-card"]) == 0
+    assert list((folder / "eval").glob("base-*/figures.json")) and "composition accuracy" in (
+        folder / "README.md").read_text()
+    copy = tmp_path / "elsewhere" / "model"
+    shutil.copytree(folder, copy)  # new place, new file times
+    monkeypatch.setenv("RLDS_CACHE", str(tmp_path / "empty-cache"))
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("the base model was evaluated again")
+
+    monkeypatch.setattr("rlds.eval.evaluate_policy", no_sampling)
+    assert main(["eval", "configs/tiny.yaml", f"model.source={copy}", *small, "--out", str(tmp_path / "e2")]) == 0
+    first, again = (json.loads((tmp_path / e / "eval.json").read_text()) for e in ("e1", "e2"))
+    assert again["base"] == first["base"]

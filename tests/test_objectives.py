@@ -82,6 +82,37 @@ def test_nft_old_policy_follows_its_soft_update_schedule():
     assert decays == [0.0, 0.25, 0.4, 0.4]  # eta_i = min(rate * i, max)
 
 
+def test_nft_skips_the_old_forward_only_while_the_old_policy_is_the_current_one():
+    """old_policy_decay_max 0 keeps old == current after every iteration: the update is the same
+    with and without the old policy's forward pass, which then runs only in later tasks' updates."""
+    advantages = [np.array([1.0, -1.0, 0.5, -0.5], np.float32)]
+    results = []
+    for skip in (True, False):
+        policy, traj, cfg, opt, nft = setup("nft", old_policy_decay_max=0.0)
+        calls = []
+        with_old = nft._term
+
+        def term(policy, output, predict_with, *rest, skip=skip, with_old=with_old):
+            def counted(params):
+                calls.append(1)
+                return predict_with(params)
+            if not skip:
+                nft.old_is_current = False
+            return with_old(policy, output, counted, *rest)
+
+        nft._term = term
+        for it in range(2):
+            nft.update(policy, [traj], advantages, opt, np.random.default_rng(it))
+            assert not nft.old_is_current  # a second task's update would need the old forward
+            nft.end_iteration(policy.unet)
+            assert nft.old_is_current
+        results.append((len(calls), snapshot(policy.unet)))
+    (skipped, after_skip), (full, after_full) = results
+    assert skipped == 0 and full == 4  # 2 iterations x 2 noise levels, one batch
+    for name in after_full:
+        torch.testing.assert_close(after_skip[name], after_full[name], rtol=0, atol=1e-6)
+
+
 def test_awm_ratio_is_exactly_one_in_the_first_step_and_clipped_after():
     policy, traj, cfg, opt, awm = setup("awm", clip_range=1e-3)
     stats = awm.update(policy, [traj], [np.array([1.0, -1.0, 1.0, -1.0], np.float32)], opt, np.random.default_rng(0))

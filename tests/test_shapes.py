@@ -8,7 +8,7 @@ import pytest
 
 from rlds.data.pretrain_set import PretrainSet, examples, write_pretrain_set
 from rlds.data.shapes import (COLOURS, KINDS, RELATIONS, SIZE, Prompt, caption, heldout_prompts, parse_prompt,
-                              relation_holds, render, sample_scene, scene_for_prompt, training_prompts)
+                              prompts_of, relation_holds, render, sample_scene, scene_for_prompt, training_prompts)
 from rlds.rewards import build_reward
 from rlds.rewards.shapes import ShapesComposition, ShapesQuality, detect, statistical_parity
 
@@ -158,7 +158,7 @@ def test_quality_ranks_render_above_noisy_render_above_noise():
     assert quality.score_one(np.full_like(im, 215)) == 0  # blank canvas
 
 
-def test_heldout_prompts_are_disjoint_from_training_prompts():
+def test_the_three_splits_are_disjoint_by_combination():
     def combination(text):  # a prompt and its mirror phrasing describe the same combination
         p = parse_prompt(text)
         if p.relation is None:
@@ -167,13 +167,16 @@ def test_heldout_prompts_are_disjoint_from_training_prompts():
         return frozenset(p.objects), axis
 
     for task in ("composition", "fairness", "quality"):
-        train, held = training_prompts(task), heldout_prompts(task)
-        assert held and train and not set(train) & set(held)
-        assert not {combination(t) for t in train} & {combination(t) for t in held}
-        for text in train + held:
+        parts = [prompts_of(task, part) for part in ("train", "validation", "heldout")]
+        assert parts[0] == training_prompts(task) and parts[2] == heldout_prompts(task)
+        for i, j in ((0, 1), (0, 2), (1, 2)):
+            assert parts[i] and parts[j] and not set(parts[i]) & set(parts[j])
+            assert not {combination(t) for t in parts[i]} & {combination(t) for t in parts[j]}
+        for text in sum(parts, []):
             parse_prompt(text)
     # every coloured object and every relation is still trained on
     train = [parse_prompt(t) for t in training_prompts("composition")]
     assert {o for p in train for o in p.objects} == {(c, s) for c in COLOURS for s in ("circle", "square", "triangle")}
     assert {p.relation for p in train} == set(RELATIONS) | {None}
-    assert len(heldout_prompts("composition")) == 132
+    assert len(heldout_prompts("composition")) == 132 and len(prompts_of("composition", "validation")) == 32
+    assert prompts_of("fairness", "validation") == ["a circle", "a square"]

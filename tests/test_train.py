@@ -91,30 +91,37 @@ def test_async_lag_never_exceeds_max_staleness_with_the_pretraining_step(ray_loc
     assert sum(r.get("drops/stale", 0) for r in rows[-1:]) == 0
 
 
-def test_a_killed_sampler_is_restarted_and_counted(ray_local, tiny_config, tmp_path):
-    ray = ray_local
-    config = tiny_config(f"run_dir={tmp_path}", "iterations=8")
-    trainer = Trainer(config, progress=False)
+def run_killing(trainer, ray, ready, victim, within_s=120) -> bool:
+    """Run `trainer`, killing the actor `victim()` (no restart) once `ready()` holds; whether it did."""
     killed = threading.Event()
 
-    def kill_one():
-        deadline = time.monotonic() + 60
+    def kill():
+        deadline = time.monotonic() + within_s
         while time.monotonic() < deadline:
-            samplers = getattr(trainer, "samplers", None)
-            if samplers and samplers[0] is not None and (tmp_path / "metrics.jsonl").exists() \
-                    and (tmp_path / "metrics.jsonl").read_text():
-                ray.kill(samplers[0], no_restart=True)
+            if ready():
+                ray.kill(victim(), no_restart=True)
                 killed.set()
                 return
             time.sleep(0.05)
 
-    killer = threading.Thread(target=kill_one, daemon=True)
+    killer = threading.Thread(target=kill, daemon=True)
     killer.start()
     trainer.run()
     killer.join(timeout=5)
-    rows = read_metrics(tmp_path / "metrics.jsonl")
-    assert killed.is_set() and len(rows) == 8
-    assert rows[-1]["restarts/sampler"] >= 1
+    return killed.is_set()
+
+
+def test_a_killed_sampler_is_restarted_and_counted(ray_local, tiny_config, tmp_path):
+    trainer = Trainer(tiny_config(f"run_dir={tmp_path}", "iterations=8"), progress=False)
+    metrics = tmp_path / "metrics.jsonl"
+
+    def started():
+        samplers = getattr(trainer, "samplers", None)
+        return bool(samplers and samplers[0] is not None and metrics.exists() and metrics.read_text())
+
+    assert run_killing(trainer, ray_local, started, lambda: trainer.samplers[0], within_s=60)
+    rows = read_metrics(metrics)
+    assert len(rows) == 8 and rows[-1]["restarts/sampler"] >= 1
 
 
 def test_joint_training_keeps_each_tasks_rewards_and_advantages_apart(ray_local, tiny_config, tmp_path):
@@ -155,3 +162,39 @@ def test_a_forward_process_objective_trains_cfg_free_on_x0_alone(ray_local, tiny
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert len(rows) == 3 and all(np.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rows)
     assert rows[0]["kl"] == 0 and rows[-1]["kl"] > 0  # the first update starts at the reference
+
+
+def test_validation_scores_its_own_prompts_and_a_rule_stops_the_run(ray_local, tiny_config, tmp_path):
+    """Validation every 2 iterations on prompts training never sees; a stop rule that the second
+    validation cannot meet ends the run after its figures come in, with a checkpoint there."""
+    config = tiny_config(f"run_dir={tmp_path}", "iterations=10", "validation.every=2",
+                         "validation.images_per_task=4", "prompts.validation_items=[a white house, a green tree]",
+                         "validation.stop_metric=val/brightness/mean", "validation.stop_patience=1",
+                         "validation.stop_min_delta=10")
+    Trainer(config, progress=False).run()
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    # the validation of iteration 4 arrives while iteration 5 trains: the run stops after 5
+    assert [r["iteration"] for r in rows] == [1, 2, 3, 4, 5]
+    validated = [r for r in rows if "val/mean" in r]
+    assert [r["val/iteration"] for r in validated] == [2, 4]
+    for r in validated:  # the task's reward, weighted as in training (brightness + 0.05 jpeg)
+        assert r["val/mean"] == pytest.approx(r["val/brightness/mean"] + 0.05 * r["val/jpeg_compressibility/mean"])
+        assert 0 < r["val/brightness/mean"] < 1 and r["time/validation_s"] > 0
+    assert (tmp_path / "checkpoints" / "iter_000005" / "trainable.safetensors").is_file()
+    assert not (tmp_path / "checkpoints" / "iter_000006").exists()
+
+
+def test_a_killed_validator_is_replaced_and_counted_and_training_goes_on(ray_local, tiny_config, tmp_path):
+    config = tiny_config(f"run_dir={tmp_path}", "iterations=8", "validation.every=2", "validation.images_per_task=2",
+                         "prompts.validation_items=[a white house]")
+    trainer = Trainer(config, progress=False)
+    metrics = tmp_path / "metrics.jsonl"
+
+    def validated():
+        return metrics.exists() and "val/mean" in metrics.read_text()
+
+    assert run_killing(trainer, ray_local, validated, lambda: trainer.validator)
+    rows = read_metrics(metrics)
+    assert [r["iteration"] for r in rows] == list(range(1, 9))
+    assert rows[-1]["restarts/validator"] == 1
+    assert "val/mean" in rows[-1]  # the new validator scored the final weights

@@ -52,6 +52,9 @@ class NFT(Objective):
     def __init__(self, unet, algo):
         super().__init__(unet, algo)
         self.old = snapshot(unet)
+        # True while the old policy's values are the current ones (at the start, and after a soft
+        # update with eta = 0): its output is then the current output, and its forward pass is skipped
+        self.old_is_current = True
         self.reference = snapshot(unet) if algo.kl_beta > 0 else None
         self.iterations = 0
 
@@ -66,12 +69,14 @@ class NFT(Objective):
         check_timesteps(algo, fail)
 
     def update(self, policy, trajectories, advantages, optimizer, rng, no_sync=None, dtype=torch.float32):
-        return forward_update(policy, trajectories, advantages, optimizer, self.algo, rng, no_sync, dtype,
-                              self._term)
+        stats = forward_update(policy, trajectories, advantages, optimizer, self.algo, rng, no_sync, dtype,
+                               self._term)
+        self.old_is_current = False
+        return stats
 
     def _term(self, policy, output, predict_with, x_t, x0, t, target, a, fresh):
         algo = self.algo
-        old = predict_with(self.old)
+        old = output.detach() if fresh and self.old_is_current else predict_with(self.old)
         loss = nft_loss(output, old, x_t, x0, t, optimality(a, algo.advantage_clip), algo.nft_beta, policy.scheduler)
         reference = predict_with(self.reference) if self.reference is not None else None
         kl = kl_to_reference(output, reference)
@@ -86,5 +91,6 @@ class NFT(Objective):
         with torch.no_grad():
             for name, p in trainable_parameters(unwrap(unet)):
                 self.old[name].mul_(eta).add_(p.detach(), alpha=1 - eta)
+        self.old_is_current = eta == 0
         self.iterations += 1
         return {"old_policy_decay": eta}

@@ -227,25 +227,36 @@ def all_prompts(with_colour: bool) -> list[Prompt]:
     return singles + pairs
 
 
-def is_heldout(prompt: Prompt) -> bool:
-    """The deterministic evaluation split.
+def _combination_index(prompt: Prompt) -> int:
+    """colour index(A) + shape index(A) + colour index(B) + shape index(B) + axis index (indices in
+    the order of COLOURS and SHAPES; axis 0 = left/right, 1 = above/below): symmetric in A and B and
+    blind to the direction on the axis, so every phrasing of a combination {A, B, axis} ("A left of
+    B", "B right of A", "B left of A", "A right of B") gets the same index."""
+    col, shp = list(COLOURS), list(SHAPES)
+    return sum(col.index(c) + shp.index(s) for c, s in prompt.objects) + (prompt.relation in ("above", "below"))
 
-    Coloured two-object prompts: a combination {object A, object B, axis} is held out when
-    colour index(A) + shape index(A) + colour index(B) + shape index(B) + axis index is divisible by 4
-    (indices in the order of COLOURS and SHAPES; axis 0 = left/right, 1 = above/below). The rule is
-    symmetric in A and B and uses only the axis, so every phrasing of a held-out combination ("A left of
-    B", "B right of A", "B left of A", "A right of B") is held out together: 33 of the 132 combinations,
-    132 of the 528 prompts; every object and every relation still appears in training.
+
+def split(prompt: Prompt) -> str:
+    """The deterministic split of every prompt: "heldout" (for `rlds eval`), "validation" (scored
+    while training runs, `validation` in a config) or "train".
+
+    Coloured two-object prompts, by combination (`_combination_index`): held out when the index is
+    divisible by 4 (33 of the 132 combinations, 132 of the 528 prompts), validation when it is 2
+    modulo 8 (8 combinations, 32 prompts); every object and every relation still appears in training.
     Colour-free prompts: every prompt that names a triangle is held out (an unseen subject, as the
-    paper's fairness evaluation uses unseen occupations). Coloured single-object prompts: none.
+    paper's fairness evaluation uses unseen occupations), and the two single-object ones that are
+    left ("a circle", "a square") are the validation split. Coloured single-object prompts: training.
     """
     if prompt.objects[0][0] is None:
-        return any(s == "triangle" for _, s in prompt.objects)
+        if any(s == "triangle" for _, s in prompt.objects):
+            return "heldout"
+        return "validation" if prompt.relation is None else "train"
     if prompt.relation is None:
-        return False
-    col, shp = list(COLOURS), list(SHAPES)
-    total = sum(col.index(c) + shp.index(s) for c, s in prompt.objects)
-    return (total + (prompt.relation in ("above", "below"))) % 4 == 0
+        return "train"
+    index = _combination_index(prompt)
+    if index % 4 == 0:
+        return "heldout"
+    return "validation" if index % 8 == 2 else "train"
 
 
 def _task_prompts(task: str) -> list[Prompt]:
@@ -258,9 +269,14 @@ def _task_prompts(task: str) -> list[Prompt]:
     raise ValueError(f"unknown ShapesWorld task {task!r}; one of {TASKS}")
 
 
+def prompts_of(task: str, part: str) -> list[str]:
+    """A task's prompts in one part of the split: "train", "validation" or "heldout"."""
+    return [p.text for p in _task_prompts(task) if split(p) == part]
+
+
 def training_prompts(task: str) -> list[str]:
-    return [p.text for p in _task_prompts(task) if not is_heldout(p)]
+    return prompts_of(task, "train")
 
 
 def heldout_prompts(task: str) -> list[str]:
-    return [p.text for p in _task_prompts(task) if is_heldout(p)]
+    return prompts_of(task, "heldout")

@@ -7,6 +7,7 @@ publishes the new weights with a version.
 from __future__ import annotations
 
 import socket
+import warnings
 from dataclasses import replace
 from datetime import timedelta
 
@@ -15,7 +16,7 @@ import ray
 from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from rlds.config import Config
+from rlds.config import Config, task_list
 from rlds.distributed.protocol import LearnerShard, PublishedWeights, TrainingBatch, UpdateResult
 from rlds.stats import reduce_metrics, timer
 
@@ -59,6 +60,9 @@ class LearnerActor:
         self.policy.scheduler.set_timesteps(self.config.sampling.num_steps)
         # DDP broadcasts rank 0's weights at construction, so every rank starts identical.
         self.ddp = DistributedDataParallel(self.policy.unet)
+        # The 1x1 convolutions' gradients come channels-last; DDP copies them into its buckets (correct,
+        # and cheap at this size) and would say so on every rank's first backward, in the user's terminal.
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         self.params = [p for p in self.policy.unet.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params, self.config.algo)
         self.objective = objective_class(self.config.algo.objective)(self.policy.unet, self.config.algo)
@@ -116,13 +120,16 @@ class LearnerActor:
                                                             cfg.warmup_iterations)
             rng = np.random.default_rng([self.config.seed, iteration, self.rank])
             train_policy = replace(self.policy, unet=self.ddp)
-            per_task = []
+            per_task, own = [], {}
+            names = [t.name for t in task_list(self.config)]
             for task in sorted(set(shard.tasks)):  # the paper's joint training: each task's steps in turn
                 mine = [i for i, t in enumerate(shard.tasks) if t == task]
                 per_task.append(self.objective.update(train_policy, [trajectories[i] for i in mine],
                                                       [shard.advantages[i] for i in mine], self.optimizer, rng,
                                                       no_sync=self.ddp.no_sync, dtype=self.dtype))
-            stats = reduce_metrics(per_task)
+                if len(names) > 1:  # which task moves the weights most
+                    own.update({f"{key}/{names[task]}": per_task[-1][key] for key in ("loss", "grad_norm")})
+            stats = {**reduce_metrics(per_task), **own}
             if self.pretrain_batches is not None:  # L_pre, its own step after the RL steps
                 from rlds.algo.regularizers import pretrain_step
 

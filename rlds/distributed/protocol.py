@@ -2,7 +2,8 @@
 
     SamplerLoop ──SampledBatch──▶ ReplayStore ──TrainingBatch──▶ Trainer
     Trainer ──LearnerShard (one per rank)──▶ LearnerActor ──UpdateResult──▶ Trainer
-    LearnerActor ──PublishedWeights──▶ WeightStore ──PublishedWeights──▶ SamplerLoop
+    LearnerActor ──PublishedWeights──▶ WeightStore ──PublishedWeights──▶ SamplerLoop, Validator
+    Validator ──ValidationResult──▶ Trainer
 
 Ray resolves an ObjectRef passed as a top-level argument of a remote call into its value, and
 passes a reference nested inside another object on as a reference. Every message that carries a
@@ -127,3 +128,11 @@ class PublishedWeights:
     """A version of the trainable weights: one flat float32 buffer (rlds.policy.flatten_trainable)."""
     version: int
     flat: ray.ObjectRef
+
+
+@dataclass(frozen=True)
+class ValidationResult:
+    """The validation figures of one weights version (rlds.config.validation_keys name them)."""
+    version: int
+    figures: dict[str, float]
+    seconds: float
