@@ -449,9 +449,14 @@ def validation_keys(c: Config) -> list[str]:
     tasks = task_list(c)
     keys = []
     for t in tasks:
-        prefix = f"val/{t.name}/" if len(tasks) > 1 else "val/"
+        prefix = validation_prefix(t.name, len(tasks))
         keys += [f"{prefix}mean"] + [f"{prefix}{r.name}/mean" for r in t.rewards]
     return keys
+
+
+def validation_prefix(task: str, task_count: int) -> str:
+    """Where a task's validation figures go: val/<task>/, or val/ alone in a single-task run."""
+    return f"val/{task}/" if task_count > 1 else "val/"
 
 
 def _check_task_sizes(t: TaskConfig, key: str, c: Config, fail: Fail) -> None:

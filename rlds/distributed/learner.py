@@ -66,6 +66,7 @@ class LearnerActor:
         self.params = [p for p in self.policy.unet.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params, self.config.algo)
         self.objective = objective_class(self.config.algo.objective)(self.policy.unet, self.config.algo)
+        self.task_names = [t.name for t in task_list(self.config)]
         algo = self.config.algo
         self.pretrain_batches = None
         if algo.pretrain_beta > 0:
@@ -121,14 +122,13 @@ class LearnerActor:
             rng = np.random.default_rng([self.config.seed, iteration, self.rank])
             train_policy = replace(self.policy, unet=self.ddp)
             per_task, own = [], {}
-            names = [t.name for t in task_list(self.config)]
             for task in sorted(set(shard.tasks)):  # the paper's joint training: each task's steps in turn
                 mine = [i for i, t in enumerate(shard.tasks) if t == task]
                 per_task.append(self.objective.update(train_policy, [trajectories[i] for i in mine],
                                                       [shard.advantages[i] for i in mine], self.optimizer, rng,
                                                       no_sync=self.ddp.no_sync, dtype=self.dtype))
-                if len(names) > 1:  # which task moves the weights most
-                    own.update({f"{key}/{names[task]}": per_task[-1][key] for key in ("loss", "grad_norm")})
+                if len(self.task_names) > 1:  # which task moves the weights most
+                    own.update({f"{key}/{self.task_names[task]}": per_task[-1][key] for key in ("loss", "grad_norm")})
             stats = {**reduce_metrics(per_task), **own}
             if self.pretrain_batches is not None:  # L_pre, its own step after the RL steps
                 from rlds.algo.regularizers import pretrain_step

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import ray
 
-from rlds.config import Config
+from rlds.config import Config, validation_prefix
 from rlds.distributed.protocol import ValidationResult
 
 
@@ -64,7 +64,7 @@ class Validator:
             images, group_ids = ray.put(traj.images), np.repeat(np.arange(len(prompts) // g), g)
             scores = {pool.name: pool.score(images, prompts, group_ids, 0) for pool in task.pools}
             scores = {name: np.asarray(value) for name, value in zip(scores, ray.get(list(scores.values())))}
-            prefix = f"val/{task.name}/" if len(self.tasks) > 1 else "val/"
+            prefix = validation_prefix(task.name, len(self.tasks))
             for name, value in scores.items():
                 figures[f"{prefix}{name}/mean"] = float(np.mean(value))
             figures[f"{prefix}mean"] = float(np.mean(sum(task.weights[n] * v for n, v in scores.items())))
