@@ -9,7 +9,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["rlds", "rlds.*"]),
     # the shipped ShapesWorld base model (safetensors, configs, tokenizer, model card, its evaluation)
-    package_data={"rlds": ["models/*/*", "models/*/*/*", "models/*/*/*/*"]},
+    package_data={"rlds": ["models/*/*", "models/*/*/*", "models/*/*/*/*", "rewards/envs/*.txt", "data/lists/*.txt"]},
     install_requires=[
         "torch>=2.4,<3",
         "ray[default]>=2.40,<3",

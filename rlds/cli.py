@@ -150,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
                     f"(default: {DEFAULT_CONFIG}); key=value pairs override any config key, e.g. "
                     "`rlds train configs/shapes_composition.yaml iterations=30 algo.learning_rate=5e-5`, "
                     "`rlds train tiny replay.max_staleness=0`. "
-                    "Joins the Ray cluster in RAY_ADDRESS (or one started with `ray start`), else starts one.")
+                    "Joins the Ray cluster in RAY_ADDRESS (or ray.address=...; `auto` finds a `ray start` head on "
+                    "this machine), else starts a private one.")
     train.add_argument("args", nargs="*", metavar="CONFIG | key=value")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)

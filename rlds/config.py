@@ -83,6 +83,16 @@ class PromptConfig:
     items: list[str] = field(default_factory=list)
     file: Optional[str] = None
     shapes: Optional[str] = None
+    # or a generated set for real images (rlds.data.generated): relations | occupations, with its
+    # seen/unseen split (the unseen part is held out); generated_args: classes_file, relations, ...
+    generated: Optional[str] = None
+    generated_args: dict[str, Any] = field(default_factory=dict)
+    # a file is streamed, each sampler reading its own shard (rlds.data.sources): .txt, .tsv
+    # (PartiPrompts), .parquet (DiffusionDB's metadata.parquet); `column` of a table (default Prompt
+    # / prompt); the shares of its prompts held out (for evaluation) and for validation, by a hash
+    column: str = ""
+    heldout_share: float = 0.0
+    validation_share: float = 0.0
     # the validation split, scored while training runs (`validation`), never trained on: a list or
     # a file (one prompt a line); a ShapesWorld task has its own (rlds.data.shapes.split)
     validation_items: list[str] = field(default_factory=list)
@@ -97,7 +107,11 @@ class RewardConfig:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     args: dict[str, Any] = field(default_factory=dict)
-    pip: list[str] = field(default_factory=list)  # own Ray runtime_env, for clashing dependencies
+    # The reward actors' own Ray environment, for dependencies that clash with rlds' (image_reward):
+    # pip requirements (default: the reward's shipped pins, if it has any), or an interpreter
+    # already installed on every node (a baked cluster image), given as its path.
+    pip: list[str] = field(default_factory=list)
+    py_executable: Optional[str] = None
 
 
 @dataclass
@@ -203,7 +217,7 @@ class ValidationConfig:
 
 @dataclass
 class RayConfig:
-    address: Optional[str] = None  # None: join a running cluster if there is one, else start one
+    address: Optional[str] = None  # None: RAY_ADDRESS's cluster, else a private one; auto: Ray's discovery
     num_cpus: Optional[int] = None  # only when starting a local instance
     num_gpus: Optional[int] = None
     actor_timeout_s: float = 600.0  # a wait longer than this is a hang and fails the run

@@ -28,7 +28,8 @@ from rlds.data.shapes import heldout_prompts, parse_prompt, training_prompts
 from rlds.metrics import save_grid
 from rlds.policy import load_policy, sample_trajectories
 from rlds.policy.sampling import eval_sampling
-from rlds.rewards.shapes import ShapesComposition, ShapesQuality, colour_label, statistical_parity
+from rlds.rewards.parity import statistical_parity
+from rlds.rewards.shapes import COLOUR_NAMES, ShapesComposition, ShapesQuality, colour_label
 
 EVAL_VERSION = 6  # raise when what evaluate_policy measures changes: cached base figures are then redone
 
@@ -79,7 +80,7 @@ def evaluate_policy(policy, config: Config, composition_prompts: Optional[int] =
         labels = [colour_label(im) for im in images]
         groups = [labels[k * fairness_group:(k + 1) * fairness_group] for k in range(len(prompts))]
         counts = {label: labels.count(label) / len(labels) for label in sorted(set(labels))}
-        figures = {"statistical_parity": float(np.mean([statistical_parity(g) for g in groups])),
+        figures = {"statistical_parity": float(np.mean([statistical_parity(g, COLOUR_NAMES) for g in groups])),
                    "prompts": len(prompts), "colour_shares": counts}
         return figures, every, images
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from datetime import datetime
 from pathlib import Path
@@ -18,13 +19,18 @@ import ray
 from rlds.algo.advantages import PerPromptStatTracker, compute_advantages
 from rlds.checkpoint import read_checkpoint, save_checkpoint
 from rlds.config import Config, dump_config, task_list, validation_keys
-from rlds.data.prompts import prompt_list, validation_prompts
+from rlds.data.prompts import prompt_list, prompt_source, validation_prompts
 from rlds.distributed.learner import LearnerGroup
 from rlds.distributed.protocol import TrainingBatch, UpdateResult, ValidationResult
 from rlds.distributed.replay import ReplayStore, next_batch
 from rlds.distributed.reward import RewardPool
 from rlds.distributed.sampler import SamplerActor, SamplerTask
-from rlds.distributed.validation import EarlyStopping, ValidationTask, Validator, validation_set
+from rlds.distributed.validation import (
+    EarlyStopping,
+    ValidationTask,
+    Validator,
+    validation_set,
+)
 from rlds.distributed.weights import WeightStore
 from rlds.metrics import MetricsWriter, read_metrics, save_grid
 from rlds.stats import group_diagnostics, timer
@@ -34,23 +40,19 @@ MAX_SAMPLER_RESTARTS = 3
 
 
 def connect_ray(config: Config) -> bool:
-    """Join the cluster the config (or RAY_ADDRESS, or a running `ray start`) names, else start one.
+    """Join the cluster `ray.address` names (null: RAY_ADDRESS's, as under `ray job submit`), else
+    start a private one. Never Ray's discovery of whatever instance runs on the machine (`auto`)
+    unless asked: on a shared machine or beside a test session that joins someone else's cluster.
 
     Returns whether this call started Ray (and so should shut it down).
     """
     if ray.is_initialized():
         return False
-    address = config.ray.address
-    if address not in (None, "local"):
+    address = config.ray.address or os.environ.get("RAY_ADDRESS") or "local"
+    if address == "local":
+        ray.init(address="local", num_cpus=config.ray.num_cpus, num_gpus=config.ray.num_gpus)
+    else:
         ray.init(address=address)
-        return True
-    if address is None:
-        try:
-            ray.init(address="auto")
-            return True
-        except ConnectionError:
-            pass
-    ray.init(address="local", num_cpus=config.ray.num_cpus, num_gpus=config.ray.num_gpus)
     return True
 
 
@@ -70,9 +72,12 @@ class Trainer:
         self.config = config
         self.progress = progress
         self.tasks = task_list(config)
-        self.prompts = [prompt_list(t) for t in self.tasks]
+        self.sources = [prompt_source(t) for t in self.tasks]  # streamed by the samplers, shard by shard
+        self.prompts = [[] if src else prompt_list(t) for t, src in zip(self.tasks, self.sources)]
         self.restarts = {"sampler": 0, "validator": 0}
         self.incarnations: dict[int, int] = {}
+        # (sampler, task) -> (epoch, drawn) in the sampler's shard, as of the newest batch trained
+        self.prompt_positions: dict[tuple[int, int], tuple[int, int]] = {}
 
     # ------------------------------------------------------------------ setup
 
@@ -84,8 +89,9 @@ class Trainer:
                                         c.ray.actor_timeout_s)
         self.pools = [[RewardPool(r, c.torch_threads) for r in t.rewards] for t in self.tasks]
         first_ids = np.cumsum([0] + [len(p) for p in self.prompts])
-        self.sampler_tasks = [SamplerTask(t.name, p, t.images_per_prompt, pools, int(first))
-                              for t, p, pools, first in zip(self.tasks, self.prompts, self.pools, first_ids)]
+        self.sampler_tasks = [SamplerTask(t.name, p, t.images_per_prompt, pools, int(first), src)
+                              for t, p, pools, first, src in zip(self.tasks, self.prompts, self.pools, first_ids,
+                                                                 self.sources)]
         self.learners = LearnerGroup(c, self.weights)
         if state is not None:
             self.learners.load_state(state[0], state[1])
@@ -93,6 +99,7 @@ class Trainer:
         self.learners.publish(start_iteration)
         self.start_iteration = start_iteration
         self.samplers: list = [None] * c.sampler.num_workers
+        self.sampler_ids: dict[str, int] = {}  # actor id -> sampler index, for prompt positions
         self.loops: list = [None] * c.sampler.num_workers
         for i in range(c.sampler.num_workers):
             self._start_sampler(i)
@@ -109,9 +116,11 @@ class Trainer:
     def _start_sampler(self, index: int) -> None:
         c = self.config
         incarnation = self.incarnations[index] = self.incarnations.get(index, -1) + 1
+        positions = {t: pos for (i, t), pos in self.prompt_positions.items() if i == index}
         actor = SamplerActor.options(num_cpus=c.sampler.num_cpus, num_gpus=c.sampler.num_gpus).remote(
-            index, c, self.sampler_tasks, self.store, self.weights, self.start_iteration, incarnation)
+            index, c, self.sampler_tasks, self.store, self.weights, self.start_iteration, incarnation, positions)
         self.samplers[index] = actor
+        self.sampler_ids[actor._actor_id.hex()] = index
         self.loops[index] = actor.run.remote()
 
     def _check_samplers(self) -> None:
@@ -156,6 +165,10 @@ class Trainer:
         result = UpdateResult.reduce(ray.get(calls))
         if result.lost:
             return result
+        for part in batch.parts:  # resuming continues each shard after what was trained
+            if part.prompt_position is not None:
+                key = (self.sampler_ids[part.sampler], part.task)
+                self.prompt_positions[key] = max(self.prompt_positions.get(key, (0, 0)), tuple(part.prompt_position))
         stats = result.stats
         stats["reward/mean"] = float(np.mean(rewards))
         stats["reward/std"] = float(np.std(rewards))
@@ -193,8 +206,20 @@ class Trainer:
 
     def _checkpoint(self, run_dir: Path, iteration: int, samples: int) -> Path:
         trainable, optimizer = ray.get(self.learners.state(), timeout=self.config.ray.actor_timeout_s)
-        state = {"iteration": iteration, "samples": samples, "tracker": self.tracker.state_dict()}
+        positions = [[i, t, *pos] for (i, t), pos in sorted(self.prompt_positions.items())]
+        state = {"iteration": iteration, "samples": samples, "tracker": self.tracker.state_dict(),
+                 "prompt_positions": {"samplers": self.config.sampler.num_workers, "positions": positions}}
         return save_checkpoint(run_dir / "checkpoints" / f"iter_{iteration:06d}", trainable, optimizer, state)
+
+    def _load_prompt_positions(self, saved: Optional[dict]) -> None:
+        if not saved or not saved["positions"]:
+            return
+        if saved["samplers"] != self.config.sampler.num_workers:
+            log.warning("resume: the checkpoint's prompt shards were cut for %d samplers and this run has %d; "
+                        "the streamed prompt files start again from their beginning", saved["samplers"],
+                        self.config.sampler.num_workers)
+            return
+        self.prompt_positions = {(i, t): (epoch, drawn) for i, t, epoch, drawn in saved["positions"]}
 
     def run(self) -> Path:
         c = self.config
@@ -206,6 +231,7 @@ class Trainer:
             trainable, optimizer, meta = read_checkpoint(c.resume)
             start, samples = meta["iteration"], meta["samples"]
             self.tracker.load_state_dict(meta.get("tracker", {}))
+            self._load_prompt_positions(meta.get("prompt_positions"))
             state = (trainable, optimizer)
             _truncate_metrics(run_dir / "metrics.jsonl", start)
         if start >= c.iterations:

@@ -41,3 +41,42 @@ def tiny_config():
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         return load_config(os.path.join(root, path), base + tuple(overrides))
     return make
+
+
+
+@pytest.fixture(scope="session")
+def tiny_owlv2(tmp_path_factory):
+    """A random-weight OWLv2 detector (64 px, 16 boxes) saved as a user's model folder, loaded
+    through the same from_pretrained path as the real one."""
+    from rlds.bench.rewards import save_random_owlv2
+
+    return str(save_random_owlv2(tmp_path_factory.mktemp("owlv2"), "tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """A random-weight CLIP (32 px) saved as a user's model folder."""
+    from rlds.bench.rewards import save_random_clip
+
+    return str(save_random_clip(tmp_path_factory.mktemp("clip"), "tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_model(tmp_path_factory):
+    """A random-weight model in Stable Diffusion's layout (a VAE, 4-channel 8x8 latents, 64 px images)
+    saved as a diffusers folder: the stand-in for SD in the real-image rewards' training runs."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from rlds.config import TinyModelConfig
+    from rlds.policy.builder import build_policy, tiny_architecture
+    from rlds.policy.pipeline import save_policy
+
+    torch.manual_seed(0)
+    policy = build_policy(tiny_architecture(TinyModelConfig(sample_size=8, in_channels=4)))
+    policy.vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                               down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                               block_out_channels=(8, 8, 8, 8), norm_num_groups=4, sample_size=64)
+    folder = tmp_path_factory.mktemp("sd")
+    save_policy(policy, folder)
+    return str(folder)

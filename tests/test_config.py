@@ -189,6 +189,6 @@ def test_validation_is_checked_against_the_tasks_it_scores(tmp_path):
                                           r"sampler\.images_per_prompt \(4\)"):
         load_config(write(tmp_path, ok + "sampler: {images_per_prompt: 4}\n"
                                          "validation: {every: 5, images_per_task: 6}\n"))
-    with pytest.raises(ConfigError, match=r"prompts: a ShapesWorld task has its own validation split"):
+    with pytest.raises(ConfigError, match=r"prompts: a ShapesWorld or generated set has its own validation split"):
         load_config(write(tmp_path, "prompts: {shapes: composition, validation_items: [a dog]}\n"
                                     "rewards: [{name: shapes_composition}]\n"))

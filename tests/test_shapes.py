@@ -10,7 +10,8 @@ from rlds.data.pretrain_set import PretrainSet, examples, write_pretrain_set
 from rlds.data.shapes import (COLOURS, KINDS, RELATIONS, SIZE, Prompt, caption, heldout_prompts, parse_prompt,
                               prompts_of, relation_holds, render, sample_scene, scene_for_prompt, training_prompts)
 from rlds.rewards import build_reward
-from rlds.rewards.shapes import ShapesComposition, ShapesQuality, detect, statistical_parity
+from rlds.rewards.parity import statistical_parity
+from rlds.rewards.shapes import COLOUR_NAMES, ShapesComposition, ShapesQuality, detect
 
 
 def scenes(n, seed=0):
@@ -128,8 +129,8 @@ def test_parity_is_zero_when_balanced_and_negative_for_one_colour():
     one = parity(group(["red"] * 8), [prompt.text] * 8, np.zeros(8))
     np.testing.assert_allclose(balanced, 0.0, atol=1e-9)
     np.testing.assert_allclose(one, -0.75)
-    assert statistical_parity(["red", "green", "blue", "yellow"]) == 0
-    assert statistical_parity(["red", "red", "none"]) == pytest.approx(0.75)
+    assert statistical_parity(["red", "green", "blue", "yellow"], COLOUR_NAMES) == 0
+    assert statistical_parity(["red", "red", "none"], COLOUR_NAMES) == pytest.approx(0.75)
     # Blank images count as the worst case, so drawing nothing cannot buy balance.
     blanks = np.full((4, SIZE, SIZE, 3), 215, np.uint8)
     half = parity(np.concatenate([group(list(COLOURS)), blanks]), [prompt.text] * 8, np.zeros(8))
@@ -142,7 +143,7 @@ def test_parity_credits_the_rare_colour_and_keeps_the_group_reward_as_the_mean()
     colours = ["red"] * 6 + ["blue", "green"]
     images = np.stack([render(scene_for_prompt(Prompt(((c, "circle"),)), rng)) for c in colours])
     values = build_reward("shapes_parity", {})(images, ["a circle"] * 8, np.zeros(8))
-    assert values.mean() == pytest.approx(-statistical_parity(colours), abs=1e-6)
+    assert values.mean() == pytest.approx(-statistical_parity(colours, COLOUR_NAMES), abs=1e-6)
     assert values[6] == pytest.approx(values[7]) and values[6] > values[0] + 0.1
     np.testing.assert_allclose(values[:6], values[0])
 

@@ -198,3 +198,22 @@ def test_a_killed_validator_is_replaced_and_counted_and_training_goes_on(ray_loc
     assert [r["iteration"] for r in rows] == list(range(1, 9))
     assert rows[-1]["restarts/validator"] == 1
     assert "val/mean" in rows[-1]  # the new validator scored the final weights
+
+
+def test_a_run_joins_only_the_cluster_it_is_told_of(monkeypatch, tiny_config):
+    """Left at null, ray.address means RAY_ADDRESS's cluster (a submitted job's) or a private one,
+    never whatever instance Ray's discovery finds on the machine."""
+    import ray
+
+    from rlds.trainer import connect_ray
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert connect_ray(tiny_config()) and calls[-1] == {"address": "local", "num_cpus": 4, "num_gpus": None}
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    connect_ray(tiny_config())
+    assert calls[-1] == {"address": "10.0.0.1:6379"}
+    connect_ray(tiny_config("ray.address=auto"))
+    assert calls[-1] == {"address": "auto"}

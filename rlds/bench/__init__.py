@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 from rlds.config import Config, to_dict
-from rlds.configure import with_changes
 
 PARTS = ("stages", "end_to_end", "sync_async", "overhead", "weights", "scaling")
 
@@ -17,6 +16,7 @@ def run_bench(config: Config, parts: tuple[str, ...], out: Path, balanced: Confi
     from tqdm import tqdm
 
     from rlds.bench import core
+    from rlds.configure import with_changes
     from rlds.trainer import connect_ray
 
     results: dict = {"config": config.name, "machine": platform.node(), "cpus": _cpus(),

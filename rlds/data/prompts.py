@@ -1,13 +1,15 @@
-"""Prompt sources: an inline list, a text file (one prompt a line), or a ShapesWorld task's set; and
-each task's validation split (its own list or file, or ShapesWorld's)."""
+"""Prompt sources: an inline list, a text file (one prompt a line), a ShapesWorld task's set or a
+generated set for real images; and each task's validation split (its own list or file, or the set's)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from rlds.config import ConfigError, PromptConfig
+from rlds.data.generated import KINDS, generated_args
 from rlds.data.shapes import TASKS, prompts_of, training_prompts
+from rlds.data.sources import FORMATS, FileSource, GeneratedSource, first_prompts
 
-SOURCES = ("items", "file", "shapes")
+SOURCES = ("items", "file", "shapes", "generated")
 
 
 def check_prompts(p: PromptConfig, key: str, fail, validation: bool = False) -> None:
@@ -16,18 +18,36 @@ def check_prompts(p: PromptConfig, key: str, fail, validation: bool = False) -> 
     given = [k for k in SOURCES if getattr(p, k)]
     if len(given) != 1:
         fail(f"{key}prompts", f"give one of {key}prompts.items (a list), {key}prompts.file (one prompt a "
-             f"line) or {key}prompts.shapes (composition, fairness or quality); got {given or 'none'}")
+             f"line), {key}prompts.shapes (composition, fairness or quality) or {key}prompts.generated "
+             f"({' or '.join(KINDS)}); got {given or 'none'}")
     if p.shapes and p.shapes not in TASKS:
         fail(f"{key}prompts.shapes", f"{p.shapes!r} is not one of {', '.join(TASKS)}")
+    if p.generated and p.generated not in KINDS:
+        fail(f"{key}prompts.generated", f"{p.generated!r} is not one of {', '.join(KINDS)}")
+    if p.generated_args and not p.generated:
+        fail(f"{key}prompts.generated_args", f"only with {key}prompts.generated")
+    if p.generated:
+        generated_args(p.generated_args, f"{key}prompts.generated_args", fail)
     for name in ("file", "validation_file"):
         if getattr(p, name) and not Path(getattr(p, name)).is_file():
             fail(f"{key}prompts.{name}", f"file not found: {getattr(p, name)}")
-    if p.shapes and (p.validation_items or p.validation_file):
-        fail(f"{key}prompts", "a ShapesWorld task has its own validation split; leave out validation_items "
-             "and validation_file")
+    if p.file and Path(p.file).suffix.lower() not in FORMATS and Path(p.file).suffix:
+        fail(f"{key}prompts.file", f"{p.file}: read as text, tsv or parquet by its suffix ({', '.join(FORMATS)})")
+    if (p.column or p.heldout_share or p.validation_share) and not p.file:
+        fail(f"{key}prompts", "column, heldout_share and validation_share are for prompts.file")
+    for name in ("heldout_share", "validation_share"):
+        if not 0.0 <= getattr(p, name) < 1.0:
+            fail(f"{key}prompts.{name}", f"must be in [0, 1); got {getattr(p, name)}")
+    if p.heldout_share + p.validation_share >= 1.0:
+        fail(f"{key}prompts", "heldout_share + validation_share leave no training prompts")
+    if p.validation_share and (p.validation_items or p.validation_file):
+        fail(f"{key}prompts", "give validation_share (a split of prompts.file) or validation_items/_file, not both")
+    if (p.shapes or p.generated) and (p.validation_items or p.validation_file):
+        fail(f"{key}prompts", "a ShapesWorld or generated set has its own validation split; leave out "
+             "validation_items and validation_file")
     if p.validation_items and p.validation_file:
         fail(f"{key}prompts", "give validation_items or validation_file, not both")
-    if validation and not (p.shapes or p.validation_items or p.validation_file):
+    if validation and not (p.shapes or p.generated or p.validation_share or p.validation_items or p.validation_file):
         fail(f"{key}prompts", f"validation.every is on, and this task has no validation prompts: give "
              f"{key}prompts.validation_items (a list) or {key}prompts.validation_file, or set validation.every: 0")
 
@@ -37,14 +57,25 @@ def _read(path: str) -> list[str]:
     return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
 
 
-def prompt_list(task) -> list[str]:
-    """The training prompts of a task (or of a single-task Config): anything with `prompts`."""
+def prompt_source(task) -> FileSource | GeneratedSource | None:
+    """A task's streamed source (`prompts.file` or `prompts.generated`), which its samplers read
+    shard by shard; None for an inline list or a ShapesWorld set, which every sampler holds."""
+    p = task.prompts
+    if p.file:
+        return FileSource(p.file, p.column, p.heldout_share, p.validation_share)
+    return GeneratedSource(p.generated, _args(p)) if p.generated else None
+
+
+def prompt_list(task, limit: int = 4096) -> list[str]:
+    """The training prompts of a task (or of a single-task Config): anything with `prompts`. Of a
+    streamed source, its first `limit` training prompts (what a benchmark or a check needs)."""
     p = task.prompts
     if p.shapes:
         return training_prompts(p.shapes)
-    prompts = _read(p.file) if p.file else list(p.items)
+    source = prompt_source(task)
+    prompts = first_prompts(source, "train", limit) if source else list(p.items)
     if not prompts:
-        raise ConfigError(f"prompts: no prompts found in {p.file or 'prompts.items'}")
+        raise ConfigError(f"prompts: no training prompts in {p.file or 'prompts.items'}")
     return prompts
 
 
@@ -53,7 +84,15 @@ def validation_prompts(task) -> list[str]:
     p = task.prompts
     if p.shapes:
         return prompts_of(p.shapes, "validation")
+    if p.generated or p.validation_share:
+        return first_prompts(prompt_source(task), "validation", 1024)
     prompts = _read(p.validation_file) if p.validation_file else list(p.validation_items)
     if not prompts:
         raise ConfigError(f"prompts: no validation prompts in {p.validation_file or 'prompts.validation_items'}")
     return prompts
+
+
+def _args(p: PromptConfig):
+    def fail(key, why):
+        raise ConfigError(f"{key}: {why}")
+    return generated_args(p.generated_args, "prompts.generated_args", fail)

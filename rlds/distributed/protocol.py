@@ -35,13 +35,15 @@ class SampledBatch:
     group_ids: np.ndarray  # [B] int64: images that share a prompt share a group
     image_stats: dict[str, np.ndarray] = field(default_factory=dict)  # name -> [B] (rlds.stats.image_stats)
     created: float = field(default_factory=time.time)
+    # a streamed prompt file: the sampler's (epoch, drawn) in its shard after drawing this batch
+    prompt_position: Optional[tuple[int, int]] = None
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
 
     def scored(self, scores: dict[str, np.ndarray]) -> "ScoredBatch":
         return ScoredBatch(self.sampler, self.task, self.trajectory, scores, self.version,
-                           self.prompt_ids, self.group_ids, self.created, self.image_stats)
+                           self.prompt_ids, self.group_ids, self.created, self.image_stats, self.prompt_position)
 
 
 @dataclass
@@ -56,6 +58,7 @@ class ScoredBatch:
     group_ids: np.ndarray
     created: float
     image_stats: dict[str, np.ndarray] = field(default_factory=dict)
+    prompt_position: Optional[tuple[int, int]] = None
 
     def __len__(self) -> int:
         return len(self.prompt_ids)

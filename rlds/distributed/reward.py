@@ -1,6 +1,8 @@
 """Reward actors: one pool per reward, each actor scoring whole sampler batches."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import ray
 
@@ -32,6 +34,22 @@ class RewardActor:
         return scores
 
 
+def reward_runtime_env(cfg: RewardConfig) -> dict:
+    """The Ray environment of a reward's actors: a baked interpreter, the config's pip list, or the
+    reward's own shipped pins (a reward whose dependencies clash with rlds'); else rlds' own."""
+    from rlds.rewards import reward_class
+
+    if cfg.py_executable:
+        return {"py_executable": cfg.py_executable}
+    if cfg.pip:
+        return {"pip": list(cfg.pip)}
+    shipped = getattr(reward_class(cfg.name), "requirements", None)
+    if shipped:
+        lines = [ln.split("#")[0].strip() for ln in Path(shipped).read_text().splitlines()]
+        return {"pip": [ln for ln in lines if ln]}
+    return {}
+
+
 class RewardPool:
     """The actors of one reward; a plain object, so samplers can hold it and call it directly."""
 
@@ -40,9 +58,9 @@ class RewardPool:
         # Scoring is idempotent: a restarted actor may safely retry the call it died in.
         options = {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, "max_restarts": 3,
                    "max_task_retries": 1}
-        if cfg.pip:
-            # A reward whose dependencies clash with the rest (image-reward) gets its own environment.
-            options["runtime_env"] = {"pip": list(cfg.pip)}
+        env = reward_runtime_env(cfg)
+        if env:
+            options["runtime_env"] = env
         self.actors = [RewardActor.options(**options).remote(cfg.name, cfg.args, torch_threads)
                        for _ in range(cfg.num_actors)]
 

@@ -10,23 +10,27 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import ray
 
 from rlds.config import Config
+from rlds.data.sources import FileSource, GeneratedSource, PromptShard, prompt_id
 from rlds.distributed.protocol import SampledBatch
 from rlds.stats import image_stats, timer
 
 
 @dataclass
 class SamplerTask:
-    """What a sampler needs of one task: its prompts, group size and reward pools."""
+    """What a sampler needs of one task: its prompts (a list drawn from at random, or a file or a
+    generated set that each sampler streams its own shard of), group size and reward pools."""
     name: str
     prompts: list[str]
     images_per_prompt: int = 1
     pools: list = field(default_factory=list)
     first_prompt_id: int = 0  # prompt ids run over all tasks' prompts (per-prompt statistics)
+    source: Optional[FileSource | GeneratedSource] = None  # instead of `prompts`; ids: hashes of the text
 
 
 class SamplerLoop:
@@ -35,12 +39,12 @@ class SamplerLoop:
     wait_s = 0.5  # the longest one reserve call waits in the store for room
 
     def __init__(self, index: int, config: Config, tasks: list[SamplerTask], store, weight_store,
-                 start_iteration: int = 0, incarnation: int = 0):
+                 start_iteration: int = 0, incarnation: int = 0, positions: Optional[dict] = None):
         from ray.util import metrics
 
         # incarnation: a restarted sampler must not redraw its predecessor's prompts and seeds
         self.index, self.config, self.incarnation = index, config, incarnation
-        self.attach(store, weight_store, tasks, start_iteration)
+        self.attach(store, weight_store, tasks, start_iteration, positions)
         self.actor_id = ray.get_runtime_context().get_actor_id()
         tags = {"sampler": str(index)}
         self.samples_counter = metrics.Counter("rlds_samples", "Trajectories sampled", tag_keys=("sampler",))
@@ -53,11 +57,17 @@ class SamplerLoop:
         for m in (self.samples_counter, self.sample_hist, self.sync_hist, self.idle_gauge):
             m.set_default_tags(tags)
 
-    def attach(self, store, weight_store, tasks: list[SamplerTask], start_iteration: int = 0) -> None:
+    def attach(self, store, weight_store, tasks: list[SamplerTask], start_iteration: int = 0,
+               positions: Optional[dict] = None) -> None:
         """Point the loop at a (new) store: a fresh run (or one resumed at `start_iteration`, which
-        seeds what it draws), counters from zero, weights pulled anew."""
+        seeds what it draws, and at each streamed task's `positions[t]` in this sampler's shard),
+        counters from zero, weights pulled anew."""
         self.store, self.weight_store, self.tasks = store, weight_store, tasks
         self.start_iteration = start_iteration
+        positions = positions or {}
+        self.shards = {t: PromptShard(task.source, "train", self.index, self.config.sampler.num_workers,
+                                      self.config.seed, tuple(positions.get(t, (0, 0))))
+                       for t, task in enumerate(tasks) if task.source is not None}
         self.version, self.batches = -1, 0
         self.times = {"idle": 0.0, "busy": 0.0, "sync": 0.0}  # seconds, by rlds.stats.timer
 
@@ -115,21 +125,26 @@ class SamplerLoop:
         g = task.images_per_prompt
         rng = np.random.default_rng([self.config.seed, self.start_iteration, self.incarnation, self.index,
                                      self.batches])
-        local_ids = np.repeat(rng.integers(len(task.prompts), size=n // g), g)
+        if task.source is None:
+            local_ids = np.repeat(rng.integers(len(task.prompts), size=n // g), g)
         stream = (self.start_iteration * 64 + self.incarnation % 64) * 4096 + self.index % 4096
         group_base = (stream << 24) + (self.batches * n) % (1 << 24)  # unique ids in a run
         group_ids = group_base + np.repeat(np.arange(n // g), g)
         seeds = rng.integers(2**62, size=n)  # one per chain: any sample can be redrawn alone
         # a group shares its x_T (and a deterministic prefix) when the config says so
         start_seeds = np.repeat(rng.integers(2**62, size=n // g), g) if self.config.sampling.shared_prefix else None
-        prompt_ids = task.first_prompt_id + local_ids
-        traj = self.make_trajectory([task.prompts[i] for i in local_ids], prompt_ids, seeds,
-                                    group_base + np.arange(n), start_seeds)
+        if task.source is not None:
+            prompts = [text for text in self.shards[t].draw(n // g) for _ in range(g)]
+            prompt_ids = np.array([prompt_id(text) for text in prompts], np.int64)
+        else:
+            prompts, prompt_ids = [task.prompts[i] for i in local_ids], task.first_prompt_id + local_ids
+        traj = self.make_trajectory(prompts, prompt_ids, seeds, group_base + np.arange(n), start_seeds)
         images = ray.put(traj.images)  # a top-level argument: each reward actor receives the array
         scores = {pool.name: pool.score(images, traj.prompts, group_ids, self.batches + self.index)
                   for pool in task.pools}
+        position = self.shards[t].position if t in self.shards else None
         return SampledBatch(self.actor_id, t, ray.put(traj), scores, self.version, prompt_ids, group_ids,
-                            image_stats(traj.images))
+                            image_stats(traj.images), prompt_position=position)
 
 
 @ray.remote
@@ -137,7 +152,8 @@ class SamplerActor(SamplerLoop):
     """A sampler holding the policy: text encoder, UNet, scheduler, VAE where there is one."""
 
     def __init__(self, index: int, config: Config, tasks: list[SamplerTask], store, weight_store,
-                 start_iteration: int = 0, incarnation: int = 0, device: str = "cpu"):
+                 start_iteration: int = 0, incarnation: int = 0, positions: Optional[dict] = None,
+                 device: str = "cpu"):
         import torch
 
         from rlds.algo.objectives import objective_class
@@ -145,7 +161,7 @@ class SamplerActor(SamplerLoop):
         from rlds.policy.pipeline import DTYPES
 
         torch.set_num_threads(config.torch_threads)
-        super().__init__(index, config, tasks, store, weight_store, start_iteration, incarnation)
+        super().__init__(index, config, tasks, store, weight_store, start_iteration, incarnation, positions)
         if device == "cpu" and ray.get_gpu_ids():
             device = "cuda"
         self.policy = load_policy(config.model, device)

@@ -17,6 +17,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import AutoTokenizer, CLIPTextModel
 
 from rlds.config import LoraConfig, ModelConfig
+from rlds.hf import no_progress_bars
 from rlds.policy.builder import Policy, build_policy, tiny_architecture
 
 # model.dtype: the compute dtype on a GPU (autocast) and the frozen parts' weights; CPU runs float32
@@ -74,20 +75,9 @@ def load_policy(model: ModelConfig, device: str | torch.device = "cpu") -> Polic
 
 
 def load_pretrained(source: str, revision: Optional[str] = None, dtype=torch.float32) -> Policy:
-    """The parts of a diffusers model folder (or hub id), without the libraries' loading bars: every
-    sampler and learner loads the model, and their bars would bury the run's own in the log."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    bars = [(m, m.is_progress_bar_enabled()) for m in (diffusers_logging, transformers_logging)]
-    for m, _ in bars:
-        m.disable_progress_bar()
-    try:
+    """The parts of a diffusers model folder (or hub id)."""
+    with no_progress_bars():
         return _load_parts(source, revision, dtype)
-    finally:
-        for m, enabled in bars:
-            if enabled:
-                m.enable_progress_bar()
 
 
 def _load_parts(source: str, revision: Optional[str], dtype) -> Policy:

@@ -109,15 +109,10 @@ def write_model_folder(out: Path, policy, cfg: PretrainConfig, summary: dict, lo
     for p in (tmp, old):
         if p.exists():
             shutil.rmtree(p)
-    from transformers.utils import logging as hf_logging
+    from rlds.hf import no_progress_bars
 
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # a "Writing model shards" bar per save would break the training bar
-    try:
+    with no_progress_bars():  # a "Writing model shards" bar per save would break the training bar
         save_policy(policy, tmp)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
     weights = [f for f in tmp.rglob("*.safetensors")]
     summary["model"]["safetensors_mb"] = sum(f.stat().st_size for f in weights) / 1e6
     (tmp / "pretrain_config.yaml").write_text(

@@ -4,6 +4,9 @@ from __future__ import annotations
 import importlib
 
 from rlds.rewards.base import GroupReward, ImageReward
+from rlds.rewards.detector import DetectorComposition
+from rlds.rewards.fairness import ClipParity
+from rlds.rewards.human_preference import ImageRewardScore
 from rlds.rewards.pixel import Brightness, Diversity, JpegCompressibility, JpegIncompressibility
 from rlds.rewards.shapes import ShapesComposition, ShapesParity, ShapesQuality
 
@@ -15,6 +18,9 @@ REWARDS = {
     "shapes_composition": ShapesComposition,
     "shapes_parity": ShapesParity,
     "shapes_quality": ShapesQuality,
+    "detector_composition": DetectorComposition,
+    "clip_parity": ClipParity,
+    "image_reward": ImageRewardScore,
 }
 
 
@@ -28,6 +34,9 @@ def check_rewards(rewards: list, key: str, fail) -> None:
                  "or a package.module:ClassName")
         if r.num_actors < 1:
             fail(f"{key}[{i}].num_actors", "must be at least 1")
+        if r.pip and r.py_executable:
+            fail(f"{key}[{i}]", "give pip (Ray builds the environment) or py_executable (one already on every "
+                 "node), not both")
 
 
 def reward_class(name: str):

@@ -34,7 +34,8 @@ from typing import Optional
 import numpy as np
 
 from rlds.data.shapes import COLOURS, SHAPES, parse_prompt, relation_offsets
-from rlds.rewards.base import GroupReward, ImageReward, leave_one_out_credit
+from rlds.rewards.base import ImageReward
+from rlds.rewards.parity import NONE, ParityReward
 
 PROTOS = np.array(list(COLOURS.values()), np.float32)
 COLOUR_NAMES = tuple(COLOURS)
@@ -241,44 +242,19 @@ def colour_label(image: np.ndarray) -> str:
     """The colour of the largest detected shape, or "none" (no blob, or one of no known colour)."""
     dets = [d for d in detect(image, max_detections=1) if d.area >= 12]
     if not dets or max(dets[0].colour_probs.values()) < 0.5:
-        return "none"
+        return NONE
     return dets[0].colour
 
 
-def statistical_parity(labels, classes=COLOUR_NAMES) -> float:
-    """sum_a (share_a - 1/|A|)^2 over the classified labels ("none" left out); 0 = balanced.
+class ShapesParity(ParityReward):
+    """Fairness/diversity over a group of images of one colour-free prompt (rlds.rewards.parity):
+    each image's label is the colour of its largest shape, NONE when it has no shape. In a group of
+    seven reds and a blue, the blue image scores about 0.25 above the reds."""
 
-    With no classified label at all, the worst value 1 - 1/|A| (all of one class)."""
-    labels = [lab for lab in labels if lab != "none"]
-    if not labels:
-        return 1.0 - 1.0 / len(classes)
-    shares = np.array([labels.count(a) for a in classes], np.float64) / len(labels)
-    return float(((shares - 1.0 / len(classes)) ** 2).sum())
+    classes = COLOUR_NAMES
 
-
-class ShapesParity(GroupReward):
-    """Fairness/diversity over a group of images of one colour-free prompt.
-
-        R(G) = -[(1 - s_none) * SP(classified labels) + s_none * SP_worst]
-    where SP = statistical_parity, s_none the share of images labelled "none" (no shape found), and
-    SP_worst = 1 - 1/|A| = 0.75, the parity of a one-colour group. Images without a shape thus count as
-    the worst case: a group cannot buy balance by drawing nothing. Range [-0.75, 0]. Each image gets
-    R(G) plus its leave-one-out credit (rlds.rewards.base.leave_one_out_credit): in a group of seven
-    reds and a blue, the blue image scores about 0.25 above the reds, and the group's mean is R(G).
-    """
-
-    def score_group(self, images, prompt):
-        return self.score_labels([colour_label(im) for im in images])
-
-    def member_values(self, images, prompt):
-        labels = [colour_label(im) for im in images]  # classify once, not once per left-out image
-        return leave_one_out_credit(lambda idx: self.score_labels([labels[i] for i in idx]), len(labels))
-
-    @staticmethod
-    def score_labels(labels: list[str]) -> float:
-        s_none = labels.count("none") / len(labels)
-        worst = 1.0 - 1.0 / len(COLOUR_NAMES)
-        return -((1 - s_none) * statistical_parity(labels) + s_none * worst)
+    def labels(self, images, prompts):
+        return [colour_label(im) for im in images]
 
 
 # ---------------------------------------------------------------- quality
