@@ -85,13 +85,16 @@ class DetectorComposition(ImageReward):
         self.batch_size, self.query = batch_size, query
         self.relation_weight, self.relation_scale = relation_weight, relation_scale
         self.rejected: set[str] = set()
+        self.fits: dict[str, bool] = {}  # object -> whether its query fits the text encoder
 
     def _tokens(self, texts: list[str]) -> dict:
         return self.processor.tokenizer(texts, padding="max_length", max_length=self.max_tokens,
                                         return_tensors="pt").to(self.device)
 
     def _fits(self, obj: str) -> bool:
-        return len(self.processor.tokenizer(self.query.format(obj)).input_ids) <= self.max_tokens
+        if obj not in self.fits:
+            self.fits[obj] = len(self.processor.tokenizer(self.query.format(obj)).input_ids) <= self.max_tokens
+        return self.fits[obj]
 
     @torch.no_grad()
     def confidences(self, images: np.ndarray, parsed: list[ObjectPrompt]) -> tuple[np.ndarray, np.ndarray]:
