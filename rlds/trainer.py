@@ -22,7 +22,7 @@ from rlds.config import Config, dump_config, task_list, validation_keys
 from rlds.data.prompts import prompt_list, prompt_source, validation_prompts
 from rlds.distributed.learner import LearnerGroup
 from rlds.distributed.protocol import TrainingBatch, UpdateResult, ValidationResult
-from rlds.distributed.replay import ReplayStore, next_batch
+from rlds.distributed.replay import ReplayStore, books, next_batch
 from rlds.distributed.reward import RewardPool
 from rlds.distributed.sampler import SamplerActor, SamplerTask
 from rlds.distributed.validation import (
@@ -239,6 +239,7 @@ class Trainer:
                              f"{c.iterations}: nothing to train; raise iterations=N")
         started_ray = connect_ray(c)
         writer = MetricsWriter(run_dir)
+        accounts = None
         try:
             self._start(run_dir, start, state)
             self._loop(run_dir, writer, start, samples)
@@ -246,9 +247,15 @@ class Trainer:
             if getattr(self, "validating", None) is not None:  # a row waiting for figures that never came
                 writer.write(self.validating[0])
             writer.close()
-            self._stop()
+            final = self._stop()
+            if final is not None:
+                accounts = {"since_iteration": start, **books(final)}
+                (run_dir / "accounting.json").write_text(json.dumps(accounts, indent=2) + "\n")
             if started_ray:
                 ray.shutdown()
+        if accounts is not None and not accounts["balanced"]:
+            raise RuntimeError(f"the books do not balance: {accounts['unaccounted']} trajectories sampled and "
+                               f"neither trained, dropped nor in flight (see {run_dir / 'accounting.json'})")
         return run_dir
 
     def _loop(self, run_dir: Path, writer: MetricsWriter, start: int, samples: int) -> None:
@@ -357,12 +364,17 @@ class Trainer:
         row.update({**result.figures, "val/iteration": result.version, "time/validation_s": result.seconds})
         return result
 
-    def _stop(self) -> None:
+    def _stop(self) -> Optional[dict]:
+        """Stop every actor; returns the store's final counts (None if it never started or cannot answer)."""
         if not hasattr(self, "store"):
-            return
+            return None
         ray.wait([self.store.close.remote()], timeout=10)
         loops = [r for r in getattr(self, "loops", []) if r is not None]
         ray.wait(loops, num_returns=len(loops), timeout=30)
+        try:  # taken once no sampler adds more: what is left is being scored or waits in the store
+            final = ray.get(self.store.stats.remote(), timeout=10)
+        except Exception:  # noqa: BLE001 (a dead or hung store: the run reports what it has)
+            final = None
         for actor in getattr(self, "samplers", []):
             if actor is not None:
                 ray.kill(actor)
@@ -375,6 +387,7 @@ class Trainer:
             self.learners.shutdown()
         ray.kill(self.store)
         ray.kill(self.weights)
+        return final
 
 
 def _truncate_metrics(path: Path, iteration: int) -> None:

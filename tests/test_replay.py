@@ -45,7 +45,7 @@ def test_get_batch_times_out_without_consuming(ray_local):
 
 def test_failed_nan_and_stale_rewards_are_counted_not_lost(ray_local):
     ray = ray_local
-    from rlds.distributed.replay import ReplayStore
+    from rlds.distributed.replay import ReplayStore, books
 
     @ray.remote
     def broken():
@@ -59,23 +59,26 @@ def test_failed_nan_and_stale_rewards_are_counted_not_lost(ray_local):
     add(ray, store, "s", 0, {"r": ray.put(np.ones(2, np.float32))})
     # learner at version 2: version-0 data is 2 versions old, past max_staleness 1
     assert ray.get(store.get_batch.remote(2, 1.0)) is None
-    drops = {k: v for k, v in ray.get(store.stats.remote())["drops"].items() if v}
-    assert drops == {"reward_failed": 2, "nan_reward": 2, "stale": 2}
+    stats = ray.get(store.stats.remote())
+    assert {k: v for k, v in stats["drops"].items() if v} == {"reward_failed": 2, "nan_reward": 2, "stale": 2}
+    assert books(stats) == {"sampled": 6, "trained": 0, "dropped": stats["drops"], "in_flight": 0,
+                            "unaccounted": 0, "balanced": True}
 
 
 def test_a_dead_samplers_reservations_and_entries_are_released(ray_local):
     ray = ray_local
-    from rlds.distributed.replay import ReplayStore
+    from rlds.distributed.replay import ReplayStore, books
 
     store = ReplayStore.remote(task_sizes=[4], capacity=4, max_staleness=0, reward_timeout_s=30)
     assert ray.get(store.reserve.remote("a", 2, 0))[0] == "ok"
     assert ray.get(store.reserve.remote("b", 2, 0))[0] == "ok"
     add(ray, store, "a", 0, {"r": ray.put(np.ones(2, np.float32))})
     assert ray.get(store.reserve.remote("c", 2, 0))[0] == "wait"
-    assert ray.get(store.release.remote("b")) == 2
+    assert ray.get(store.release.remote("b")) == 0  # a reservation is freed: nothing was sampled for it
     assert ray.get(store.release.remote("a")) == 2
     assert ray.get(store.reserve.remote("c", 4, 0))[0] == "ok"
-    assert ray.get(store.stats.remote())["drops"]["sampler_died"] == 4
+    stats = ray.get(store.stats.remote())
+    assert stats["drops"]["sampler_died"] == 2 and books(stats)["balanced"] and books(stats)["sampled"] == 2
 
 
 def test_tasks_fill_their_shares_and_batches_come_task_by_task(ray_local):
@@ -94,3 +97,13 @@ def test_tasks_fill_their_shares_and_batches_come_task_by_task(ray_local):
     assert batch.tasks == [0, 0, 1] and len(batch) == 6 and batch.lags == [0, 0, 0]
     assert [sorted(p.scores) for p in batch.parts] == [["a"], ["a"], ["b"]]
     assert ray.get(store.stats.remote())["consumed"] == 6
+
+
+def test_books_that_do_not_balance_say_by_how_much():
+    from rlds.distributed.replay import DROP_REASONS, books
+
+    stats = {"added": 92, "trained": 64, "scoring": 8, "ready": 4,
+             "drops": {reason: 0 for reason in DROP_REASONS} | {"stale": 16}}
+    assert books(stats)["balanced"] and books(stats)["in_flight"] == 12
+    stats["added"] = 95
+    assert books(stats)["unaccounted"] == 3 and not books(stats)["balanced"]

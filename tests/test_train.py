@@ -40,6 +40,9 @@ def test_sync_run_learns_and_leaves_the_run_folder(sync_run):
     assert (run_dir / "config.yaml").is_file() and (run_dir / "samples" / "iter_000006.png").is_file()
     assert (run_dir / "checkpoints" / "iter_000012" / "trainable.safetensors").is_file()
     assert list((run_dir / "tensorboard").glob("events.out.tfevents*"))
+    books = json.loads((run_dir / "accounting.json").read_text())
+    assert books["balanced"] and books["trained"] == 12 * 16 and books["sampled"] >= books["trained"]
+    assert books["sampled"] == books["trained"] + sum(books["dropped"].values()) + books["in_flight"]
 
 
 def test_resume_continues_at_the_checkpoint(sync_run, tiny_config):
@@ -122,6 +125,8 @@ def test_a_killed_sampler_is_restarted_and_counted(ray_local, tiny_config, tmp_p
     assert run_killing(trainer, ray_local, started, lambda: trainer.samplers[0], within_s=60)
     rows = read_metrics(metrics)
     assert len(rows) == 8 and rows[-1]["restarts/sampler"] >= 1
+    books = json.loads((tmp_path / "accounting.json").read_text())  # what the dead sampler held is counted
+    assert books["balanced"] and books["trained"] == 8 * 8
 
 
 def test_joint_training_keeps_each_tasks_rewards_and_advantages_apart(ray_local, tiny_config, tmp_path):

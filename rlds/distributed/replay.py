@@ -42,7 +42,8 @@ class ReplayStore:
         self.dead: set[str] = set()  # samplers whose objects are gone
         self.ready: list[ScoredBatch] = []
         self.drops: Counter = Counter()  # reason -> samples
-        self.added = 0
+        self.added = 0  # trajectories handed to this store (sampled)
+        self.trained_before = 0  # trajectories a resumed run had trained before this store began
         self.closed = False
         self.jobs: set[asyncio.Task] = set()  # score joins in progress
         self.changed = asyncio.Condition()
@@ -134,14 +135,16 @@ class ReplayStore:
             self.changed.notify_all()
 
     async def release(self, sampler: str) -> int:
-        """A sampler died: its reservations and its trajectories (it owned them) are gone."""
+        """A sampler died: its reservations are freed (nothing was sampled for them yet) and its
+        trajectories (it owned them) are dropped and counted; returns how many were dropped."""
         async with self.changed:
             self.changed.notify_all()
         self.dead.add(sampler)
-        n = sum(self.reserved.pop((sampler, task), 0) for task in range(len(self.sizes)))
+        for task in range(len(self.sizes)):
+            self.reserved.pop((sampler, task), None)
         lost = [e for e in self.ready if e.sampler == sampler]
         self.ready = [e for e in self.ready if e.sampler != sampler]
-        n += sum(len(e) for e in lost)
+        n = sum(len(e) for e in lost)
         if n:
             self._drop("sampler_died", n)
         self._gauge()
@@ -220,7 +223,10 @@ class ReplayStore:
     # ----------------------------------------------------------- control
 
     def stats(self) -> dict:
+        """Counts of trajectories; one call sees them at one instant, so they balance (`books`)."""
         return {"added": self.added, "consumed": sum(self.consumed), "depth": self.in_flight(),
+                "trained": sum(self.consumed) - self.trained_before,
+                "scoring": sum(self.pending), "ready": sum(len(e) for e in self.ready),
                 "drops": {reason: self.drops[reason] for reason in DROP_REASONS}}
 
     async def close(self) -> None:
@@ -232,6 +238,20 @@ class ReplayStore:
         """Continue the version/position count of a resumed run."""
         self.learner_version = iteration
         self.consumed = [iteration * size for size in self.sizes]
+        self.trained_before = sum(self.consumed)
+
+
+def books(stats: dict) -> dict:
+    """Every trajectory the samplers handed the store, accounted for: trained, dropped (by reason)
+    or still in flight (being scored, or scored and not yet trained) when the counts were taken.
+
+        sampled == trained + sum(dropped) + in_flight
+    """
+    dropped = dict(stats["drops"])
+    in_flight = stats["scoring"] + stats["ready"]
+    unaccounted = stats["added"] - stats["trained"] - sum(dropped.values()) - in_flight
+    return {"sampled": stats["added"], "trained": stats["trained"], "dropped": dropped, "in_flight": in_flight,
+            "unaccounted": unaccounted, "balanced": unaccounted == 0}
 
 
 def next_batch(store, iteration: int, timeout_s: float,
