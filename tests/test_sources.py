@@ -84,6 +84,10 @@ def test_prompt_files_and_generated_sets_are_checked_and_never_handed_whole_to_t
         tiny_config("prompts.items=[]", f"prompts.file={path}", "prompts.heldout_share=1.5")
     with pytest.raises(ConfigError, match=r"prompts: column, heldout_share and validation_share are for prompts\.file"):
         tiny_config("prompts.column=text")
+    empty = tmp_path / "empty.tsv"
+    empty.write_text("Prompt\tCategory\n")
+    with pytest.raises(ConfigError, match=r"no training prompts in .*empty\.tsv"):
+        Trainer(tiny_config("prompts.items=[]", f"prompts.file={empty}"), progress=False)
     bad = tmp_path / "prompts.csv"
     bad.write_text("a cat\n")
     with pytest.raises(ConfigError, match=r"prompts\.file: .*prompts\.csv: read as text, tsv or parquet"):
