@@ -7,7 +7,7 @@ from pathlib import Path
 from rlds.config import ConfigError, PromptConfig
 from rlds.data.generated import KINDS, generated_args
 from rlds.data.shapes import TASKS, prompts_of, training_prompts
-from rlds.data.sources import FORMATS, FileSource, GeneratedSource, first_prompts
+from rlds.data.sources import FORMATS, FileSource, GeneratedSource, first_prompts, read_prompts
 
 SOURCES = ("items", "file", "shapes", "generated")
 
@@ -52,11 +52,6 @@ def check_prompts(p: PromptConfig, key: str, fail, validation: bool = False) -> 
              f"{key}prompts.validation_items (a list) or {key}prompts.validation_file, or set validation.every: 0")
 
 
-def _read(path: str) -> list[str]:
-    lines = Path(path).read_text().splitlines()
-    return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
-
-
 def prompt_source(task) -> FileSource | GeneratedSource | None:
     """A task's streamed source (`prompts.file` or `prompts.generated`), which its samplers read
     shard by shard; None for an inline list or a ShapesWorld set, which every sampler holds."""
@@ -86,7 +81,7 @@ def validation_prompts(task) -> list[str]:
         return prompts_of(p.shapes, "validation")
     if p.generated or p.validation_share:
         return first_prompts(prompt_source(task), "validation", 1024)
-    prompts = _read(p.validation_file) if p.validation_file else list(p.validation_items)
+    prompts = list(read_prompts(FileSource(p.validation_file))) if p.validation_file else list(p.validation_items)
     if not prompts:
         raise ConfigError(f"prompts: no validation prompts in {p.validation_file or 'prompts.validation_items'}")
     return prompts
