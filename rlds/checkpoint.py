@@ -55,8 +55,7 @@ def save_checkpoint(folder: Path, trainable: bytes, optimizer: bytes, state: dic
 
 def read_checkpoint(folder: str | Path) -> tuple[bytes, bytes, dict]:
     folder = Path(folder)
-    needed = ["trainable.safetensors", "optimizer.safetensors", "state.json"]
-    missing = [n for n in needed if not (folder / n).is_file()]
+    missing = [n for n in CHECKPOINT_FILES if not (folder / n).is_file()]
     if missing:
         raise FileNotFoundError(f"checkpoint {folder}: missing {', '.join(missing)}")
     return ((folder / "trainable.safetensors").read_bytes(), (folder / "optimizer.safetensors").read_bytes(),
@@ -70,6 +69,15 @@ def load_trainable_file(module: torch.nn.Module, folder: str | Path) -> None:
     load_trainable_state_dict(module, load_file(path), str(path))
 
 
+CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.safetensors", "state.json")
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """A run folder's checkpoints with every file, oldest first (one being written is `iter_N.tmp`)."""
+    found = sorted(Path(run_dir).glob("checkpoints/iter_*[0-9]"))
+    return [f for f in found if all((f / n).is_file() for n in CHECKPOINT_FILES)]
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = sorted((run_dir / "checkpoints").glob("iter_*[0-9]"))
+    found = complete_checkpoints(run_dir)
     return found[-1] if found else None

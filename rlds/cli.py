@@ -50,6 +50,18 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_chaos(args) -> int:
+    from rlds.chaos import run_chaos
+    from rlds.configure import load_config
+
+    name, overrides = split_overrides(args.args, default=BENCH_CONFIG)
+    config = load_config(resolve_config(name), tuple(overrides))
+    report, run_dir = run_chaos(config, args.kinds.split(","), args.every, args.seed, progress=not args.no_progress)
+    print(json.dumps({**report.__dict__, "survived": report.survived}, indent=2))
+    print(f"wrote {run_dir / 'chaos.json'}")
+    return 0 if report.survived else 1
+
+
 def cmd_sample(args) -> int:
     from rlds.configure import load_config
     from rlds.sample import read_prompts, sample_images
@@ -155,6 +167,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("args", nargs="*", metavar="CONFIG | key=value")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
+
+    chaos = sub.add_parser(
+        "chaos", help="train while killing actors at random; report what the run survived",
+        description="Train CONFIG (default: tiny) while a thread kills a random sampler, reward actor or learner "
+                    "rank every --every seconds (kinds taken in shuffled rounds, within the restart budgets: "
+                    "learner.max_restarts, 3 per sampler, 3 per reward actor). Writes RUN/chaos.json: kills by kind, "
+                    "whether the run completed, its books (trajectories unaccounted for must be 0) and whether "
+                    "the served policy version only grew. Exits 1 if the run did not survive.")
+    chaos.add_argument("args", nargs="*", metavar="CONFIG | key=value")
+    chaos.add_argument("--every", type=float, default=10.0, help="seconds between kills (default: 10)")
+    chaos.add_argument("--kinds", default="sampler,reward,learner", help="actors to kill (default: all three kinds)")
+    chaos.add_argument("--seed", type=int, default=0, help="which actors, in which order")
+    chaos.add_argument("--no-progress", action="store_true", help="no progress bar")
+    chaos.set_defaults(func=cmd_chaos)
 
     sample = sub.add_parser(
         "sample", help="write images from the base model or a checkpoint",

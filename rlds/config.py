@@ -144,6 +144,9 @@ class LearnerConfig:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     backend: Optional[str] = None  # default: nccl with GPUs, gloo without
+    # A rank that dies or hangs (ray.actor_timeout_s): the group is rebuilt from the last checkpoint,
+    # at most this many times in a run; the iterations since that checkpoint are lost.
+    max_restarts: int = 3
 
 
 @dataclass
@@ -229,8 +232,11 @@ class Config:
     seed: int = 0
     iterations: int = 10
     run_dir: Optional[str] = None  # default: runs/<name>-<time>
-    resume: Optional[str] = None  # a checkpoint folder to continue from
+    # a checkpoint folder to continue from, or "auto": run_dir's newest complete checkpoint (a fresh
+    # start when it has none yet), so a resubmitted job continues where it was stopped
+    resume: Optional[str] = None
     checkpoint_every: int = 10
+    keep_checkpoints: Optional[int] = None  # the newest k are kept; None: all
     sample_grid_every: int = 5
     evaluate: bool = False  # after training, `rlds eval` the final checkpoint against the base (ShapesWorld)
     torch_threads: int = 1  # per actor; several actors share the cores
@@ -418,6 +424,12 @@ def check_config(c: Config, fail: Fail) -> None:
         _check_task_sizes(t, key, c, fail)
     if not 0 < a.noisiest_fraction <= 1:
         fail("algo.noisiest_fraction", "must be in (0, 1]")
+    if c.resume == "auto" and not c.run_dir:
+        fail("resume", "auto continues the run in run_dir: set run_dir=... too (the same folder every time)")
+    if c.keep_checkpoints is not None and c.keep_checkpoints < 1:
+        fail("keep_checkpoints", "must be 1 or more (or null: keep every checkpoint)")
+    if c.learner.max_restarts < 0:
+        fail("learner.max_restarts", "must be 0 (a failed learner rank ends the run) or more")
     if c.replay.max_staleness < 0:
         fail("replay.max_staleness", "must be 0 or more")
     batch = global_batch_size(c)

@@ -134,7 +134,7 @@ GRID = 16  # images per part in the report's grids
 
 def _base_cache_key(config: Config, args: tuple) -> Optional[str]:
     """What the base model's evaluation depends on, as a digest: the evaluation's version and
-    arguments, the sampling settings, the model's config and its weights' contents (not where the
+    arguments, its prompts, the sampling settings, the model's config and its weights' contents (not where the
     folder is, so the figures a model folder ships hold wherever it is cloned); None for a hub model."""
     import dataclasses
     import hashlib
@@ -151,7 +151,10 @@ def _base_cache_key(config: Config, args: tuple) -> Optional[str]:
     del sampling["eval_guidance_scale"]  # None once resolved
     model = dataclasses.asdict(config.model)
     model["source"] = source if source in ("tiny", "shapes") else "folder"
-    key = json.dumps([EVAL_VERSION, model, files, sampling, list(args)], sort_keys=True, default=str)
+    # the prompts it samples: a change to the split (rlds.data.shapes.split) redoes the figures
+    prompts = [heldout_prompts("composition"), training_prompts("composition"), heldout_prompts("fairness"),
+               training_prompts("fairness")]
+    key = json.dumps([EVAL_VERSION, model, files, sampling, list(args), prompts], sort_keys=True, default=str)
     return "base-" + hashlib.sha256(key.encode()).hexdigest()[:20]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from datetime import datetime
 from pathlib import Path
@@ -15,9 +16,10 @@ from typing import Optional
 
 import numpy as np
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from rlds.algo.advantages import PerPromptStatTracker, compute_advantages
-from rlds.checkpoint import read_checkpoint, save_checkpoint
+from rlds.checkpoint import complete_checkpoints, latest_checkpoint, read_checkpoint, save_checkpoint
 from rlds.config import Config, dump_config, task_list, validation_keys
 from rlds.data.prompts import prompt_list, prompt_source, validation_prompts
 from rlds.distributed.learner import LearnerGroup
@@ -37,6 +39,9 @@ from rlds.stats import group_diagnostics, timer
 
 log = logging.getLogger("rlds")
 MAX_SAMPLER_RESTARTS = 3
+# how a learner group fails: a rank died (RayActorError), raised (RayTaskError: a collective whose
+# peer is gone, say) or hung past ray.actor_timeout_s (TimeoutError)
+LEARNER_FAILURES = (ray.exceptions.RayError, TimeoutError)
 
 
 def connect_ray(config: Config) -> bool:
@@ -77,7 +82,9 @@ class Trainer:
             if source is not None:
                 prompt_list(task, limit=1)  # a source without training prompts fails here, naming it
         self.prompts = [[] if src else prompt_list(t) for t, src in zip(self.tasks, self.sources)]
-        self.restarts = {"sampler": 0, "validator": 0}
+        self.restarts = {"sampler": 0, "validator": 0, "learner": 0}
+        self.last_checkpoint: Optional[Path] = None  # what a rebuilt learner group starts from
+        self.reported_errors: set[str] = set()  # drop reasons already logged
         self.incarnations: dict[int, int] = {}
         # (sampler, task) -> (epoch, drawn) in the sampler's shard, as of the newest batch trained
         self.prompt_positions: dict[tuple[int, int], tuple[int, int]] = {}
@@ -87,15 +94,20 @@ class Trainer:
     def _start(self, run_dir: Path, start_iteration: int, state: Optional[tuple]) -> None:
         c = self.config
         capacity = c.replay.capacity or (c.replay.max_staleness + 1) * c.algo.batch_size
-        self.weights = WeightStore.remote()
-        self.store = ReplayStore.remote([t.batch_size for t in self.tasks], capacity, c.replay.max_staleness,
-                                        c.ray.actor_timeout_s)
+        # The run's state lives beside the driver, on the node that outlives the others (the head,
+        # under `ray job submit`), never on a worker node that may vanish. They need no CPU, so a
+        # head that takes no work (num_cpus: 0) still holds them; soft affinity was seen to spill
+        # them onto a worker node while the head was starting other workers.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.weights = WeightStore.options(scheduling_strategy=here).remote()
+        self.store = ReplayStore.options(scheduling_strategy=here).remote(
+            [t.batch_size for t in self.tasks], capacity, c.replay.max_staleness, c.ray.actor_timeout_s)
         self.pools = [[RewardPool(r, c.torch_threads) for r in t.rewards] for t in self.tasks]
         first_ids = np.cumsum([0] + [len(p) for p in self.prompts])
         self.sampler_tasks = [SamplerTask(t.name, p, t.images_per_prompt, pools, int(first), src)
                               for t, p, pools, first, src in zip(self.tasks, self.prompts, self.pools, first_ids,
                                                                  self.sources)]
-        self.learners = LearnerGroup(c, self.weights)
+        self.learners = LearnerGroup(c, self.weights, start_iteration)
         if state is not None:
             self.learners.load_state(state[0], state[1])
         ray.get(self.store.restart_from.remote(start_iteration))
@@ -161,11 +173,7 @@ class Trainer:
         advantages = compute_advantages(rewards, [t.advantage for t in self.tasks], c.algo.advantage_clip,
                                         batch.prompt_ids, batch.group_ids, task_ids, self.tracker)
         calls = self.learners.update(batch, advantages, iteration)
-        done, _ = ray.wait(calls, num_returns=len(calls), timeout=c.ray.actor_timeout_s)
-        if len(done) < len(calls):
-            raise TimeoutError(f"the learners did not finish iteration {iteration} in "
-                               f"{c.ray.actor_timeout_s} s (ray.actor_timeout_s)")
-        result = UpdateResult.reduce(ray.get(calls))
+        result = UpdateResult.reduce(self.learners.results(calls, c.ray.actor_timeout_s))
         if result.lost:
             return result
         for part in batch.parts:  # resuming continues each shard after what was trained
@@ -202,7 +210,11 @@ class Trainer:
         images, captions = [], []
         for t in range(len(self.tasks)):
             i = batch.tasks.index(t)  # the task's first sampler batch
-            traj = ray.get(batch.parts[i].trajectory)
+            try:
+                traj = ray.get(batch.parts[i].trajectory)
+            except ray.exceptions.ObjectLostError:  # its sampler died after the update: no grid this time
+                log.warning("no sample grid for iteration %d: its sampler died", iteration)
+                return
             images.append(traj.images[:share])
             captions += [f"{p} ({r:.3g})" for p, r in zip(traj.prompts[:share], rewards[offsets[i]:offsets[i] + share])]
         save_grid(np.concatenate(images), captions, run_dir / "samples" / f"iter_{iteration:06d}.png")
@@ -212,7 +224,44 @@ class Trainer:
         positions = [[i, t, *pos] for (i, t), pos in sorted(self.prompt_positions.items())]
         state = {"iteration": iteration, "samples": samples, "tracker": self.tracker.state_dict(),
                  "prompt_positions": {"samplers": self.config.sampler.num_workers, "positions": positions}}
-        return save_checkpoint(run_dir / "checkpoints" / f"iter_{iteration:06d}", trainable, optimizer, state)
+        self.last_checkpoint = save_checkpoint(run_dir / "checkpoints" / f"iter_{iteration:06d}", trainable,
+                                               optimizer, state)
+        if self.config.keep_checkpoints:
+            for old in complete_checkpoints(run_dir)[:-self.config.keep_checkpoints]:
+                if old != self.last_checkpoint:
+                    shutil.rmtree(old)
+        return self.last_checkpoint
+
+    def _recover_learners(self, version: int, error: Exception) -> int:
+        """Replace a failed learner group with a new one that starts from the last checkpoint (the
+        run's start if there is none yet) and publishes it as `version`; the samplers sample on
+        meanwhile, and what they made with the lost weights is dropped as stale. Returns the
+        iteration restored. Gives up after `learner.max_restarts`."""
+        c = self.config
+        while True:
+            self.restarts["learner"] += 1
+            if self.restarts["learner"] > c.learner.max_restarts:
+                raise RuntimeError(f"the learner group failed ({_last_line(error)}); giving up after "
+                                   f"{c.learner.max_restarts} restarts (learner.max_restarts)") from error
+            checkpoint = self.last_checkpoint
+            log.warning("the learner group failed (%s); rebuilding it from %s", _last_line(error),
+                        checkpoint or "the run's start")
+            if self.learners is not None:
+                self.learners.shutdown(timeout_s=0)  # a hung rank would never answer
+                self.learners = None
+            try:
+                self.learners = LearnerGroup(c, self.weights, start_iteration=version)
+                restored = self.start_iteration
+                if checkpoint is not None:
+                    trainable, optimizer, meta = read_checkpoint(checkpoint)
+                    self.learners.load_state(trainable, optimizer)
+                    restored = meta["iteration"]
+                self.learners.publish(version)
+            except (ray.exceptions.RayError, TimeoutError) as e:  # no room yet, or it failed again
+                error = e
+                continue
+            ray.get(self.store.learners_restored.remote(version))
+            return restored
 
     def _load_prompt_positions(self, saved: Optional[dict]) -> None:
         if not saved or not saved["positions"]:
@@ -230,13 +279,21 @@ class Trainer:
         dump_config(c, run_dir / "config.yaml")
         self.tracker = PerPromptStatTracker(c.algo.per_prompt_buffer, c.algo.per_prompt_min_count)
         start, samples, state = 0, 0, None
-        if c.resume:
-            trainable, optimizer, meta = read_checkpoint(c.resume)
+        resume = latest_checkpoint(run_dir) if c.resume == "auto" else c.resume
+        if c.resume == "auto":
+            log.info("resume=auto: %s", f"continuing from {resume}" if resume else f"no checkpoint in {run_dir} yet")
+        if resume:
+            trainable, optimizer, meta = read_checkpoint(resume)
             start, samples = meta["iteration"], meta["samples"]
             self.tracker.load_state_dict(meta.get("tracker", {}))
+            self.last_checkpoint = Path(resume)
             self._load_prompt_positions(meta.get("prompt_positions"))
             state = (trainable, optimizer)
+        if c.resume:
             _truncate_metrics(run_dir / "metrics.jsonl", start)
+        if start >= c.iterations and c.resume == "auto":  # a resubmitted job that had already finished
+            log.info("resume=auto: %s is at iteration %d of %d; nothing left to train", resume, start, c.iterations)
+            return run_dir
         if start >= c.iterations:
             raise ValueError(f"resume: the checkpoint is at iteration {start}, and iterations is "
                              f"{c.iterations}: nothing to train; raise iterations=N")
@@ -279,7 +336,13 @@ class Trainer:
             with timer("time/wait_batch_s", times):
                 while True:  # a batch whose sampler died in between is dropped and replaced
                     batch = next_batch(self.store, it, c.ray.actor_timeout_s, self._check_samplers)
-                    result = self._update(batch, it)
+                    try:
+                        result = self._update(batch, it)
+                    except LEARNER_FAILURES as e:  # the batch dies with the group; the iteration is spent
+                        ray.get(self.store.batch_failed.remote())
+                        result = UpdateResult({"learner/restored_from": self._recover_learners(it + 1, e),
+                                               "time/update_s": 0.0}, lost=True)
+                        break
                     if not result.lost:
                         break
                     ray.get(self.store.batch_lost.remote())
@@ -287,7 +350,7 @@ class Trainer:
             self.store.new_version.remote(it + 1)  # samplers start on v+1 while we write metrics
             stats = result.stats
             wait_s = times["time/wait_batch_s"] - stats["time/update_s"]
-            samples += c.algo.batch_size
+            samples += 0 if result.lost else c.algo.batch_size
             now = time.perf_counter()
             store = ray.get(self.store.stats.remote())
             row = {"iteration": it + 1, "samples": samples, **stats,
@@ -296,8 +359,13 @@ class Trainer:
                    "time/learner_idle_ratio": wait_s / (now - last),
                    "throughput/samples_per_s": c.algo.batch_size / (now - last),
                    "replay/depth": store["depth"], "samples_generated": store["added"],
-                   "restarts/sampler": self.restarts["sampler"]}
+                   "restarts/sampler": self.restarts["sampler"], "restarts/learner": self.restarts["learner"]}
             row.update({f"drops/{k}": n for k, n in store["drops"].items()})
+            for reason, message in store["errors"].items():  # said once, in the user's terminal
+                if reason not in self.reported_errors:
+                    self.reported_errors.add(reason)
+                    log.warning("samples are being dropped (%s), counted in drops/%s; the first: %s", reason,
+                                reason, message)
             if self.validator is not None:
                 row["restarts/validator"] = self.restarts["validator"]
             last = now
@@ -309,15 +377,20 @@ class Trainer:
             if c.sample_grid_every and (it + 1) % c.sample_grid_every == 0:
                 self._save_grid(run_dir, batch, it + 1)
             if (it + 1) % c.checkpoint_every == 0 or it + 1 == c.iterations or stop:
-                self._checkpoint(run_dir, it + 1, samples)
+                try:
+                    self._checkpoint(run_dir, it + 1, samples)
+                except LEARNER_FAILURES as e:  # what it trained since the last checkpoint is lost with it
+                    self._recover_learners(it + 1, e)
             if not self.progress:  # logs (a Ray job's, say) get a line where a terminal gets a bar
                 val = "".join(f"  {k} {x:.4g}" for k, x in validation.figures.items()
                               if k.count("/") <= 2) if validation is not None else ""
                 log.info("iteration %d/%d  reward %.4g  %.1f samples/s  lag %d%s", it + 1, c.iterations,
-                         row["reward/mean"], row["throughput/samples_per_s"], row["policy_lag/max"], val)
+                         row.get("reward/mean", float("nan")), row["throughput/samples_per_s"],
+                         row["policy_lag/max"], val)
             if validation is not None:  # the bar keeps the newest validation score in view
                 shown_val = f"{validation.figures[val_key]:.4g}"
-            bar.set_postfix(reward=f"{row['reward/mean']:.4g}", **({"val": shown_val} if shown_val else {}),
+            bar.set_postfix(reward=f"{row.get('reward/mean', float('nan')):.4g}",
+                            **({"val": shown_val} if shown_val else {}),
                             samples_s=f"{row['throughput/samples_per_s']:.1f}", lag=row["policy_lag/max"])
             bar.update(1)
             if stop:
@@ -386,7 +459,7 @@ class Trainer:
                 ray.kill(actor)
         if getattr(self, "validator", None) is not None:
             ray.kill(self.validator)
-        if hasattr(self, "learners"):
+        if getattr(self, "learners", None) is not None:
             self.learners.shutdown()
         ray.kill(self.store)
         ray.kill(self.weights)

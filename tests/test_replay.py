@@ -65,8 +65,24 @@ def test_failed_nan_and_stale_rewards_are_counted_not_lost(ray_local):
     while sum((stats := ray.get(store.stats.remote()))["drops"].values()) < 6 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert {k: v for k, v in stats["drops"].items() if v} == {"reward_failed": 2, "nan_reward": 2, "stale": 2}
+    # what went wrong is said, not just counted
+    assert "reward model crashed" in stats["errors"]["reward_failed"]
+    assert stats["errors"]["nan_reward"] == "reward 'r' gave a non-finite score (NaN or inf)"
     assert books(stats) == {"sampled": 6, "trained": 0, "dropped": stats["drops"], "in_flight": 0,
-                            "unaccounted": 0, "balanced": True}
+                            "unaccounted": 0, "balanced": True, "errors": stats["errors"]}
+
+
+@pytest.mark.parametrize("scores, message", [
+    (np.ones(3), r"shape \(3,\) for 2 images; it must return one number per image"),
+    (np.ones((2, 2)), r"shape \(2, 2\) for 2 images"),
+    (["good", "bad"], "not numbers"),
+])
+def test_a_reward_that_returns_the_wrong_thing_is_named(scores, message):
+    from rlds.distributed.reward import checked_scores
+
+    with pytest.raises(ValueError, match=message):
+        checked_scores("mine", scores, 2)
+    assert checked_scores("mine", [1, np.inf], 2).dtype == np.float32  # non-finite: dropped by the store
 
 
 def test_a_dead_samplers_reservations_and_entries_are_released(ray_local):

@@ -180,4 +180,6 @@ def test_the_three_splits_are_disjoint_by_combination():
     assert {o for p in train for o in p.objects} == {(c, s) for c in COLOURS for s in ("circle", "square", "triangle")}
     assert {p.relation for p in train} == set(RELATIONS) | {None}
     assert len(heldout_prompts("composition")) == 132 and len(prompts_of("composition", "validation")) == 32
-    assert prompts_of("fairness", "validation") == ["a circle", "a square"]
+    assert prompts_of("fairness", "validation") == ["a circle above a square", "a circle below a square",
+                                                    "a square above a circle", "a square below a circle"]
+    assert {"a circle", "a square"} <= set(training_prompts("fairness"))

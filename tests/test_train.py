@@ -63,6 +63,43 @@ def test_resume_continues_at_the_checkpoint(sync_run, tiny_config):
         Trainer(done, progress=False).run()
 
 
+LEARNING_KEYS = ("reward/mean", "loss", "grad_norm", "approx_kl", "clipfrac", "samples", "lr")
+
+
+def test_a_resumed_run_repeats_the_uninterrupted_one_row_for_row(ray_local, tiny_config, tmp_path):
+    """Synchronous, one sampler, one learner, CPU: stopped at the checkpoint of iteration 2 and
+    resumed (resume=auto, the same run_dir), it trains what the uninterrupted run trained; a second
+    resubmission of the finished run trains nothing; older checkpoints beyond the newest 2 go."""
+    common = ("sampler.num_workers=1", "iterations=4", "checkpoint_every=2", "algo.pretrain_beta=0.5",
+              f"algo.pretrain_data={tmp_path / 'pretrain.parquet'}", "algo.pretrain_batch_size=8")
+    from rlds.data.pretrain_set import write_pretrain_set
+
+    write_pretrain_set(tmp_path / "pretrain.parquet", 64, seed=0)
+    Trainer(tiny_config(f"run_dir={tmp_path / 'whole'}", *common), progress=False).run()
+    part = tmp_path / "part"
+    Trainer(tiny_config(f"run_dir={part}", *common[:1], "iterations=2", *common[2:]), progress=False).run()
+    Trainer(tiny_config(f"run_dir={part}", "resume=auto", "keep_checkpoints=1", *common), progress=False).run()
+    whole, resumed = read_metrics(tmp_path / "whole" / "metrics.jsonl"), read_metrics(part / "metrics.jsonl")
+    assert [r["iteration"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(whole, resumed):
+        assert {k: a[k] for k in LEARNING_KEYS} == {k: b[k] for k in LEARNING_KEYS}, a["iteration"]
+    assert [p.name for p in (part / "checkpoints").iterdir()] == ["iter_000004"]
+    Trainer(tiny_config(f"run_dir={part}", "resume=auto", *common), progress=False).run()  # done: a no-op
+    assert len(read_metrics(part / "metrics.jsonl")) == 4
+
+
+def test_a_checkpoint_of_another_model_is_a_clear_error(tmp_path):
+    import torch
+
+    from rlds.policy.pipeline import load_trainable_state_dict
+
+    module = torch.nn.Linear(4, 2)
+    with pytest.raises(ValueError, match=r"another model: 1 tensors differ in shape, e.g. weight \(3, 4\)"):
+        load_trainable_state_dict(module, {"weight": torch.zeros(3, 4), "bias": torch.zeros(2)}, "ckpt")
+    with pytest.raises(ValueError, match="missing"):
+        load_trainable_state_dict(module, {"weight": torch.zeros(2, 4)}, "ckpt")
+
+
 def test_sample_command_uses_the_checkpoint(sync_run, tmp_path):
     from rlds.cli import main
 
@@ -127,6 +164,43 @@ def test_a_killed_sampler_is_restarted_and_counted(ray_local, tiny_config, tmp_p
     assert len(rows) == 8 and rows[-1]["restarts/sampler"] >= 1
     books = json.loads((tmp_path / "accounting.json").read_text())  # what the dead sampler held is counted
     assert books["balanced"] and books["trained"] == 8 * 8
+
+
+def test_a_killed_learner_rank_is_rebuilt_from_the_last_checkpoint(ray_local, tiny_config, tmp_path):
+    """Rank 1 of 2 dies after the first checkpoint: the group is rebuilt from it, the batch it held
+    is counted, the samples made with the lost weights are dropped as stale, and the run finishes."""
+    config = tiny_config(f"run_dir={tmp_path}", "iterations=8", "learner.num_workers=2", "checkpoint_every=2")
+    trainer = Trainer(config, progress=False)
+
+    def checkpointed():
+        return (tmp_path / "checkpoints" / "iter_000002").is_dir()
+
+    assert run_killing(trainer, ray_local, checkpointed, lambda: trainer.learners.actors[1])
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["iteration"] for r in rows] == list(range(1, 9))
+    assert rows[-1]["restarts/learner"] == 1
+    failed = [r for r in rows if "learner/restored_from" in r]
+    assert len(failed) == 1 and failed[0]["learner/restored_from"] >= 2 and "loss" not in failed[0]
+    assert rows[-1]["samples"] == 7 * 8  # the failed iteration trained nothing
+    books = json.loads((tmp_path / "accounting.json").read_text())
+    assert books["balanced"] and books["dropped"]["learner_failed"] == 8 and books["trained"] == 7 * 8
+
+
+def test_published_weights_outlive_the_learner_that_put_them(ray_local):
+    from rlds.distributed.weights import WeightStore
+
+    @ray_local.remote
+    class Publisher:
+        def publish(self, store):
+            ray_local.get(store.publish.remote(1, np.arange(250_000, dtype=np.float32)))  # 1 MB: a put
+
+    store, publisher = WeightStore.remote(), Publisher.remote()
+    ray_local.get(publisher.publish.remote(store))
+    ray_local.kill(publisher)
+    time.sleep(0.5)
+    newest = ray_local.get(store.newer_than.remote(0))
+    assert newest.version == 1 and ray_local.get(newest.flat, timeout=10)[999] == 999
+    ray_local.kill(store)
 
 
 def test_joint_training_keeps_each_tasks_rewards_and_advantages_apart(ray_local, tiny_config, tmp_path):

@@ -14,7 +14,7 @@ import ray
 from rlds.config import Config, task_list
 from rlds.configure import with_changes
 from rlds.data.prompts import prompt_list
-from rlds.distributed.protocol import PublishedWeights, ScoredBatch, TrainingBatch
+from rlds.distributed.protocol import ScoredBatch, TrainingBatch
 from rlds.stats import timer
 
 
@@ -22,7 +22,7 @@ def _publish_initial(config: Config, weights) -> None:
     from rlds.policy import flatten_trainable, load_policy
 
     policy = load_policy(config.model)
-    ray.get(weights.publish.remote(PublishedWeights(0, ray.put(flatten_trainable(policy.unet)))))
+    ray.get(weights.publish.remote(0, flatten_trainable(policy.unet)))
 
 
 def sampler_stage(config: Config, batches: int = 4) -> dict:
@@ -203,7 +203,7 @@ def weight_publication(size_bytes: int, receivers: int = 4, repeats: int = 3) ->
         for version in range(repeats):
             src[0] = version  # a new state each time
             start = time.perf_counter()
-            ray.get(weights.publish.remote(PublishedWeights(version, ray.put(src))))  # what rank 0 does
+            ray.get(weights.publish.remote(version, src))  # what rank 0 does
             ray.get([a.pull.remote() for a in actors])
             times.append(time.perf_counter() - start)
         key = "zero_copy" if share else "copy"

@@ -29,7 +29,7 @@ import numpy as np
 import ray
 
 from rlds.config import Config, SamplerConfig
-from rlds.distributed.protocol import LearnerShard, PublishedWeights, UpdateResult
+from rlds.distributed.protocol import LearnerShard, UpdateResult
 from rlds.distributed.replay import ReplayStore, next_batch
 from rlds.distributed.reward import RewardPool
 from rlds.distributed.sampler import SamplerLoop, SamplerTask
@@ -115,7 +115,7 @@ class ModelledLearner:
         took: dict = {}
         with timer("publish", took):
             self.weights += 1.0  # a new version of the flat buffer
-            ray.get(self.weight_store.publish.remote(PublishedWeights(version, ray.put(self.weights))))
+            ray.get(self.weight_store.publish.remote(version, self.weights))
         return took["publish"]
 
     def update(self, shard: LearnerShard) -> UpdateResult:

@@ -9,6 +9,7 @@ same way; images of another size are centre-cropped and resized to `resolution`.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 from pathlib import Path
 from typing import Iterator, Optional
@@ -184,11 +185,13 @@ class PretrainSet:
         if images and not drop_last:
             yield np.stack(images), captions
 
-    def stream(self, batch_size: int, seed: int = 0) -> Iterator[tuple[np.ndarray, list[str]]]:
-        """Full batches forever, epoch after epoch (for the L_pre step)."""
+    def stream(self, batch_size: int, seed: int = 0, start: int = 0) -> Iterator[tuple[np.ndarray, list[str]]]:
+        """Full batches forever, epoch after epoch (for the L_pre step), from batch number `start` on
+        (a resumed run continues where the checkpoint's stream was)."""
         if len(self) < batch_size:
             raise ValueError(f"a pretraining set of {len(self)} rows cannot fill batches of {batch_size}")
-        epoch = 0
+        per_epoch = len(self) // batch_size
+        epoch, skip = divmod(start, per_epoch)
         while True:
-            yield from self.batches(batch_size, seed, epoch, shuffle=True, drop_last=True)
-            epoch += 1
+            yield from itertools.islice(self.batches(batch_size, seed, epoch, shuffle=True, drop_last=True), skip, None)
+            epoch, skip = epoch + 1, 0

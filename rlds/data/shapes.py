@@ -244,13 +244,15 @@ def split(prompt: Prompt) -> str:
     divisible by 4 (33 of the 132 combinations, 132 of the 528 prompts), validation when it is 2
     modulo 8 (8 combinations, 32 prompts); every object and every relation still appears in training.
     Colour-free prompts: every prompt that names a triangle is held out (an unseen subject, as the
-    paper's fairness evaluation uses unseen occupations), and the two single-object ones that are
-    left ("a circle", "a square") are the validation split. Coloured single-object prompts: training.
+    paper's fairness evaluation uses unseen occupations); of those left, the circle-square pairs on
+    the vertical axis ("a circle above a square", ...: 4 prompts) are the validation split, and "a
+    circle", "a square" and the horizontal pairs train (the one-object prompts stay in training: the
+    held-out set has both forms). Coloured single-object prompts: training.
     """
     if prompt.objects[0][0] is None:
         if any(s == "triangle" for _, s in prompt.objects):
             return "heldout"
-        return "validation" if prompt.relation is None else "train"
+        return "validation" if prompt.relation in ("above", "below") else "train"
     if prompt.relation is None:
         return "train"
     index = _combination_index(prompt)

@@ -2,11 +2,15 @@
 
 The driver computes advantages once over the global batch; each rank gets an equal share of each
 task's sampler batches, runs the K-step update of each task in turn (then the L_pre step), and rank 0
-publishes the new weights with a version.
+publishes the new weights with a version. The WeightStore owns the published weights, so they
+outlive the rank that put them: when a rank dies or hangs, the trainer kills the whole group and
+builds a new one from the last checkpoint (`learner.max_restarts`) while the samplers go on with
+the weights they have.
 """
 from __future__ import annotations
 
 import socket
+import time
 import warnings
 from dataclasses import replace
 from datetime import timedelta
@@ -17,18 +21,19 @@ from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rlds.config import Config, task_list
-from rlds.distributed.protocol import LearnerShard, PublishedWeights, TrainingBatch, UpdateResult
+from rlds.distributed.protocol import LearnerShard, TrainingBatch, UpdateResult
 from rlds.stats import reduce_metrics, timer
 
 
 @ray.remote
 class LearnerActor:
-    def __init__(self, rank: int, world_size: int, config: Config, weight_store):
+    def __init__(self, rank: int, world_size: int, config: Config, weight_store, start_iteration: int = 0):
         import torch
         from ray.util import metrics
 
         torch.set_num_threads(config.torch_threads)
         self.rank, self.world_size, self.config = rank, world_size, config
+        self.start_iteration = start_iteration  # where the L_pre stream continues (resumed or rebuilt)
         self.weight_store = weight_store
         self.device = "cuda" if ray.get_gpu_ids() else "cpu"
         self.update_hist = metrics.Histogram("rlds_learner_update_s", "Seconds per policy update",
@@ -75,8 +80,8 @@ class LearnerActor:
             factor = 2 ** (len(self.policy.vae.config.block_out_channels) - 1) if self.policy.vae else 1
             data = PretrainSet(regulariser_path(algo.pretrain_data),
                                resolution=self.policy.unet.config.sample_size * factor)
-            self.pretrain_batches = data.stream(algo.pretrain_batch_size, seed=self.config.seed * 1000 + self.rank)
-            self.pretrain_generator = torch.Generator(self.device).manual_seed(self.config.seed * 1000 + self.rank)
+            self.pretrain_batches = data.stream(algo.pretrain_batch_size, seed=self.config.seed * 1000 + self.rank,
+                                                start=self.start_iteration)
         return sum(p.numel() for p in self.params)
 
     def load_state(self, trainable: bytes, optimizer: bytes) -> None:
@@ -95,8 +100,8 @@ class LearnerActor:
 
         took: dict = {}
         with timer("publish", took):
-            flat = ray.put(flatten_trainable(self.policy.unet))
-            ray.get(self.weight_store.publish.remote(PublishedWeights(version, flat)))
+            # by value: the store puts (and so owns) them, and they outlive this process
+            ray.get(self.weight_store.publish.remote(version, flatten_trainable(self.policy.unet)))
         self.publish_hist.observe(took["publish"])
         return took["publish"]
 
@@ -134,8 +139,9 @@ class LearnerActor:
                 from rlds.algo.regularizers import pretrain_step
 
                 images, captions = next(self.pretrain_batches)
+                generator = torch.Generator(self.device).manual_seed(int(rng.integers(2**62)))  # noise, timesteps
                 stats.update(pretrain_step(train_policy, self.optimizer, images, captions, cfg.pretrain_beta,
-                                           cfg.max_grad_norm, self.pretrain_generator))
+                                           cfg.max_grad_norm, generator))
             stats.update(self.objective.end_iteration(self.policy.unet))
             stats["lr"] = self.optimizer.param_groups[0]["lr"]
             if self.rank == 0:
@@ -154,7 +160,7 @@ class LearnerActor:
 class LearnerGroup:
     """The driver's handle on the learner ranks; placement keeps them together."""
 
-    def __init__(self, config: Config, weight_store):
+    def __init__(self, config: Config, weight_store, start_iteration: int = 0):
         lc = config.learner
         self.size = lc.num_workers
         bundle = {"CPU": lc.num_cpus}
@@ -167,7 +173,7 @@ class LearnerGroup:
                 num_cpus=lc.num_cpus, num_gpus=lc.num_gpus,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=self.pg, placement_group_bundle_index=rank),
-            ).remote(rank, self.size, config, weight_store)
+            ).remote(rank, self.size, config, weight_store, start_iteration)
             for rank in range(self.size)]
         timeout = config.ray.actor_timeout_s
         master = ray.get(self.actors[0].address.remote(), timeout=timeout)
@@ -190,6 +196,19 @@ class LearnerGroup:
                                                  [batch.parts[i].task for i in share], iteration))
                 for actor, share in zip(self.actors, shares)]
 
+    @staticmethod
+    def results(calls: list[ray.ObjectRef], timeout_s: float) -> list[UpdateResult]:
+        """Every rank's answer; the first rank that fails (it died, or raised) fails the call at once,
+        not after the others time out waiting for it in a collective."""
+        pending, deadline = list(calls), time.monotonic() + timeout_s
+        while pending:
+            done, pending = ray.wait(pending, timeout=max(0.0, deadline - time.monotonic()))
+            if not done:
+                raise TimeoutError(f"{len(pending)} of {len(calls)} learner ranks did not answer in {timeout_s} s "
+                                   "(ray.actor_timeout_s)")
+            ray.get(done)
+        return ray.get(calls)
+
     def publish(self, version: int) -> None:
         ray.get(self.actors[0].publish.remote(version))
 
@@ -199,8 +218,10 @@ class LearnerGroup:
     def load_state(self, trainable: bytes, optimizer: bytes) -> None:
         ray.get([a.load_state.remote(trainable, optimizer) for a in self.actors])
 
-    def shutdown(self) -> None:
-        done, _ = ray.wait([a.shutdown.remote() for a in self.actors], num_returns=self.size, timeout=30)
+    def shutdown(self, timeout_s: float = 30) -> None:
+        """Leave the process group where a rank can (a hung or dead one cannot), then kill every rank."""
+        if timeout_s > 0:
+            ray.wait([a.shutdown.remote() for a in self.actors], num_returns=self.size, timeout=timeout_s)
         for a in self.actors:
             ray.kill(a)
         ray.util.remove_placement_group(self.pg)

@@ -23,7 +23,8 @@ from rlds.distributed.protocol import SampledBatch, ScoredBatch, TrainingBatch
 
 
 # Every way a sample can leave without being trained; each is counted (and reported, even at 0).
-DROP_REASONS = ("stale", "reward_failed", "reward_timeout", "nan_reward", "sampler_died", "lost_in_flight")
+DROP_REASONS = ("stale", "reward_failed", "reward_timeout", "nan_reward", "sampler_died", "lost_in_flight",
+                "learner_failed")
 
 
 @ray.remote(num_cpus=0)
@@ -36,14 +37,18 @@ class ReplayStore:
         self.capacities = [max(n, capacity * n // self.batch_size) for n in self.sizes]
         self.max_staleness, self.reward_timeout_s = max_staleness, reward_timeout_s
         self.learner_version = 0
+        # samples made before the newest learner recovery came from weights that no longer exist
+        self.oldest_version = 0
         self.consumed = [0] * len(self.sizes)  # samples of each task handed to the learner so far
         self.reserved: Counter = Counter()  # (sampler, task) -> samples promised
         self.pending = [0] * len(self.sizes)  # samples waiting for their scores
         self.dead: set[str] = set()  # samplers whose objects are gone
         self.ready: list[ScoredBatch] = []
         self.drops: Counter = Counter()  # reason -> samples
+        self.first_errors: dict[str, str] = {}  # reason -> what the first such drop said
         self.added = 0  # trajectories handed to this store (sampled)
         self.trained_before = 0  # trajectories a resumed run had trained before this store began
+        self.failed = 0  # trajectories handed to a learner group that died with them
         self.closed = False
         self.jobs: set[asyncio.Task] = set()  # score joins in progress
         self.changed = asyncio.Condition()
@@ -89,7 +94,7 @@ class ReplayStore:
             if in_flight + n > self.capacities[task]:
                 continue
             trained_at = (self.consumed[task] + in_flight) // size  # the iteration that takes it
-            if trained_at - version > self.max_staleness:
+            if trained_at - version > self.max_staleness or version < self.oldest_version:
                 continue
             progress = (self.consumed[task] + in_flight) / size
             if best_progress is None or progress < best_progress:
@@ -116,12 +121,16 @@ class ReplayStore:
             values = await asyncio.wait_for(asyncio.gather(*(batch.scores[k] for k in names)),
                                             self.reward_timeout_s)
             scored = batch.scored({k: np.asarray(v, dtype=np.float32) for k, v in zip(names, values)})
-            if any(not np.all(np.isfinite(v)) for v in scored.scores.values()):
+            bad = [k for k, v in scored.scores.items() if not np.all(np.isfinite(v))]
+            if bad:
                 reason = "nan_reward"
+                self.first_errors.setdefault(reason, f"reward {bad[0]!r} gave a non-finite score (NaN or inf)")
         except asyncio.TimeoutError:
             reason = "reward_timeout"
-        except Exception:  # a reward actor raised or died: counted, never silently lost
+            self.first_errors.setdefault(reason, f"no scores in {self.reward_timeout_s} s (ray.actor_timeout_s)")
+        except Exception as e:  # a reward actor raised or died: counted and reported, never silently lost
             reason = "reward_failed"
+            self.first_errors.setdefault(reason, str(e).strip().splitlines()[-1][:500] if str(e).strip() else repr(e))
         async with self.changed:
             self.pending[batch.task] -= len(batch)
             if reason is None and batch.sampler in self.dead:
@@ -155,6 +164,22 @@ class ReplayStore:
         async with self.changed:
             self.learner_version = max(self.learner_version, version)
             self.changed.notify_all()
+
+    async def learners_restored(self, version: int) -> None:
+        """The learners were rebuilt from a checkpoint and published it as `version`: whatever was
+        sampled with older weights is stale, by the staleness rule, and is dropped and counted."""
+        async with self.changed:
+            self.oldest_version = max(self.oldest_version, version)
+            self.learner_version = max(self.learner_version, version)
+            self._drop_stale()
+            self._gauge()
+            self.changed.notify_all()
+
+    def batch_failed(self) -> None:
+        """The batch last handed out died with the learner group: counted, not trained, not refilled
+        (the iteration is spent)."""
+        self.failed += self.batch_size
+        self._drop("learner_failed", self.batch_size)
 
     async def batch_lost(self) -> None:
         """A handed-out batch could not be trained (its sampler died): count it, and refill it."""
@@ -207,7 +232,7 @@ class ReplayStore:
     def _drop_stale(self) -> None:
         keep = []
         for e in self.ready:
-            if self.learner_version - e.version > self.max_staleness:
+            if self.learner_version - e.version > self.max_staleness or e.version < self.oldest_version:
                 self._drop("stale", len(e))
             else:
                 keep.append(e)
@@ -225,9 +250,9 @@ class ReplayStore:
     def stats(self) -> dict:
         """Counts of trajectories; one call sees them at one instant, so they balance (`books`)."""
         return {"added": self.added, "consumed": sum(self.consumed), "depth": self.in_flight(),
-                "trained": sum(self.consumed) - self.trained_before,
+                "trained": sum(self.consumed) - self.trained_before - self.failed,
                 "scoring": sum(self.pending), "ready": sum(len(e) for e in self.ready),
-                "drops": {reason: self.drops[reason] for reason in DROP_REASONS}}
+                "drops": {reason: self.drops[reason] for reason in DROP_REASONS}, "errors": dict(self.first_errors)}
 
     async def close(self) -> None:
         self.closed = True
@@ -251,7 +276,7 @@ def books(stats: dict) -> dict:
     in_flight = stats["scoring"] + stats["ready"]
     unaccounted = stats["added"] - stats["trained"] - sum(dropped.values()) - in_flight
     return {"sampled": stats["added"], "trained": stats["trained"], "dropped": dropped, "in_flight": in_flight,
-            "unaccounted": unaccounted, "balanced": unaccounted == 0}
+            "unaccounted": unaccounted, "balanced": unaccounted == 0, "errors": stats.get("errors", {})}
 
 
 def next_batch(store, iteration: int, timeout_s: float,

@@ -69,6 +69,7 @@ class SamplerLoop:
                                       self.config.seed, tuple(positions.get(t, (0, 0))))
                        for t, task in enumerate(tasks) if task.source is not None}
         self.version, self.batches = -1, 0
+        self.batches_on_version = 0  # batches sampled with the weights held now
         self.times = {"idle": 0.0, "busy": 0.0, "sync": 0.0}  # seconds, by rlds.stats.timer
 
     def node(self) -> str:
@@ -87,7 +88,7 @@ class SamplerLoop:
         took: dict = {}
         with timer("sync", took):
             self.load_weights(ray.get(newer.flat))
-            self.version = newer.version
+            self.version, self.batches_on_version = newer.version, 0
         self.times["sync"] += took["sync"]
         self.sync_hist.observe(took["sync"])
         return True
@@ -123,8 +124,11 @@ class SamplerLoop:
         """One batch of task `t`: draw prompts and seeds, sample, put it in the object store, send the
         images to the task's reward pools."""
         g = task.images_per_prompt
-        rng = np.random.default_rng([self.config.seed, self.start_iteration, self.incarnation, self.index,
-                                     self.batches])
+        # keyed by the weights' version, not by how long this actor has run: a run resumed at a
+        # checkpoint draws what the uninterrupted run drew there
+        rng = np.random.default_rng([self.config.seed, self.incarnation, self.index, self.version,
+                                     self.batches_on_version])
+        self.batches_on_version += 1
         if task.source is None:
             local_ids = np.repeat(rng.integers(len(task.prompts), size=n // g), g)
         stream = (self.start_iteration * 64 + self.incarnation % 64) * 4096 + self.index % 4096

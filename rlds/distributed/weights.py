@@ -1,11 +1,15 @@
 """WeightStore: the newest trainable weights, in one place, as PublishedWeights (version, reference).
 
 The learner publishes; samplers pull when they see a newer version. Nobody pushes to a busy actor.
+The store puts the weights in the object store itself, so it owns them: they outlive the learner
+rank that sent them (Ray frees an object with its owner), and samplers keep loading them while a
+failed learner group is rebuilt.
 """
 from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import ray
 
 from rlds.distributed.protocol import PublishedWeights
@@ -16,10 +20,11 @@ class WeightStore:
     def __init__(self):
         self.latest: Optional[PublishedWeights] = None
 
-    def publish(self, weights: PublishedWeights) -> None:
-        if weights.version <= self.latest_version():
-            raise ValueError(f"weights version {weights.version} published after {self.latest_version()}")
-        self.latest = weights
+    def publish(self, version: int, flat: np.ndarray) -> None:
+        """`flat`: the trainable weights as one array (rlds.policy.flatten_trainable)."""
+        if version <= self.latest_version():
+            raise ValueError(f"weights version {version} published after {self.latest_version()}")
+        self.latest = PublishedWeights(version, ray.put(flat))
 
     def newer_than(self, version: int) -> Optional[PublishedWeights]:
         """The newest weights if they are newer than `version`, else None."""

@@ -176,6 +176,11 @@ def load_trainable_state_dict(module: torch.nn.Module, state: dict[str, torch.Te
     if missing or extra:
         raise ValueError(f"{where}: weights do not match the model (missing {sorted(missing)[:3]}, "
                          f"unexpected {sorted(extra)[:3]}); was it saved with another model.lora setting?")
+    shapes = [f"{n} {tuple(state[n].shape)} (the model's: {tuple(p.shape)})" for n, p in params.items()
+              if state[n].shape != p.shape]
+    if shapes:
+        raise ValueError(f"{where}: weights of another model: {len(shapes)} tensors differ in shape, e.g. "
+                         f"{shapes[0]}; was it saved with another model.source?")
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(state[n])
