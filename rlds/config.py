@@ -127,6 +127,10 @@ class TaskConfig:
     batch_size: int = 0  # trajectories of this task per iteration
     images_per_prompt: int = 1  # a group of this many images shares a prompt (group rewards need > 1)
     advantage: Optional[str] = None  # rlds.algo.advantages.ADVANTAGES; default: algo.advantage
+    # The task's optimizer step at this times algo.learning_rate. AdamW's step does not scale with
+    # the loss, so each task's step moves the weights about as far as any other's: this is how a
+    # task gets a smaller say.
+    lr_scale: float = 1.0
 
 
 @dataclass
@@ -492,6 +496,8 @@ def _check_task_sizes(t: TaskConfig, key: str, c: Config, fail: Fail) -> None:
     size_key = f"{key}batch_size" if key else "algo.batch_size"
     if t.images_per_prompt < 1:
         fail(group_key, "must be at least 1")
+    if t.lr_scale <= 0:
+        fail(f"{key}lr_scale", "must be above 0 (1: the task steps at algo.learning_rate)")
     if s.batch_size % t.images_per_prompt:
         fail("sampler.batch_size", f"{s.batch_size} is not a multiple of {group_key} ({t.images_per_prompt})")
     if t.batch_size < s.batch_size or t.batch_size % s.batch_size:

@@ -120,6 +120,21 @@ class Trainer:
             self._start_sampler(i)
         self.validating = None
         self.validator = self._start_validator() if c.validation.every else None
+        self._check_rewards_started()
+
+    def _check_rewards_started(self) -> None:
+        """Every reward actor is up (its environment built, its model loaded), or the run fails now
+        with what went wrong, rather than dropping every batch as reward_failed until a timeout."""
+        timeout = self.config.ray.actor_timeout_s
+        for t, pools in zip(self.tasks, self.pools):
+            for r, pool in zip(t.rewards, pools):
+                try:
+                    ray.get([a.__ray_ready__.remote() for a in pool.actors], timeout=timeout)
+                except (ray.exceptions.RayError, TimeoutError) as e:
+                    env = (f"py_executable {r.py_executable}" if r.py_executable else
+                           f"pip {list(r.pip)}" if r.pip else "its shipped environment")
+                    raise RuntimeError(f"reward {r.name!r} of task {t.name!r}: its actors did not start "
+                                       f"({_last_line(e)}); check its args and {env}") from e
 
     def _start_validator(self):
         c, v = self.config, self.config.validation

@@ -118,6 +118,8 @@ def test_tasks_make_the_batch_and_are_checked_one_by_one(tmp_path):
         load_config(write(tmp_path, TASKS + "rewards: [{name: brightness}]\n"))
     with pytest.raises(ConfigError, match=r"algo\.batch_size: with tasks it is the sum .* \(16\)"):
         load_config(write(tmp_path, TASKS + "algo: {batch_size: 12}\n"))
+    with pytest.raises(ConfigError, match=r"tasks\[1\]\.lr_scale: must be above 0"):
+        load_config(write(tmp_path, TASKS.replace("advantage: batch", "advantage: batch\n    lr_scale: 0")))
     with pytest.raises(ConfigError, match=r"tasks\[1\]\.name: each task needs a name of its own"):
         load_config(write(tmp_path, TASKS.replace("name: varied", "name: bright")))
     c = load_config(write(tmp_path, BASE + "algo: {batch_size: 8}\nsampler: {batch_size: 4}\n"))

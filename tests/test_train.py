@@ -186,6 +186,14 @@ def test_a_killed_learner_rank_is_rebuilt_from_the_last_checkpoint(ray_local, ti
     assert books["balanced"] and books["dropped"]["learner_failed"] == 8 and books["trained"] == 7 * 8
 
 
+def test_a_reward_whose_environment_cannot_be_built_fails_the_run_at_once(ray_local, tiny_config, tmp_path):
+    config = tiny_config(f"run_dir={tmp_path}", "rewards=[{name: brightness, pip: [rlds-no-such-package==0.0.1]}]")
+    with pytest.raises(RuntimeError, match=r"reward 'brightness' .* did not start .*pip \['rlds-no-such-package"):
+        Trainer(config, progress=False).run()
+    books = json.loads((tmp_path / "accounting.json").read_text())
+    assert books["balanced"]
+
+
 def test_published_weights_outlive_the_learner_that_put_them(ray_local):
     from rlds.distributed.weights import WeightStore
 
@@ -214,7 +222,7 @@ def test_joint_training_keeps_each_tasks_rewards_and_advantages_apart(ray_local,
                    "rewards": [{"name": "brightness", "num_cpus": 0.25}], "batch_size": 4},
                   {"name": "varied", "prompts": {"items": ["a dog", "a cat"]},
                    "rewards": [{"name": "diversity", "num_cpus": 0.25}], "batch_size": 4,
-                   "images_per_prompt": 4, "advantage": "batch"}],
+                   "images_per_prompt": 4, "advantage": "batch", "lr_scale": 0.5}],
         "sampler": {"num_cpus": 0.5}, "ray": {"num_cpus": 4}}))
     config = tiny_config(f"run_dir={tmp_path / 'run'}", "iterations=3", path=str(path))
     Trainer(config, progress=False).run()
@@ -224,6 +232,7 @@ def test_joint_training_keeps_each_tasks_rewards_and_advantages_apart(ray_local,
                 "reward/varied/diversity/mean"):
         assert all(np.isfinite(r[key]) for r in rows), key
     assert not any("reward/bright/diversity/mean" in r or "reward/varied/brightness/mean" in r for r in rows)
+    assert all(r["lr/varied"] == pytest.approx(0.5 * r["lr/bright"]) and r["lr/bright"] == r["lr"] for r in rows)
     # diversity is one reward per group of 4 (one group a task batch); brightness differs image to image
     assert all(r["reward/varied/mean"] == r["reward/varied/diversity/mean"] for r in rows)
     # what shows a run going wrong: ties within groups, spread, image statistics, per task

@@ -72,6 +72,7 @@ class LearnerActor:
         self.optimizer = make_optimizer(self.params, self.config.algo)
         self.objective = objective_class(self.config.algo.objective)(self.policy.unet, self.config.algo)
         self.task_names = [t.name for t in task_list(self.config)]
+        self.lr_scales = [t.lr_scale for t in task_list(self.config)]
         algo = self.config.algo
         self.pretrain_batches = None
         if algo.pretrain_beta > 0:
@@ -121,20 +122,24 @@ class LearnerActor:
             if lost.item():
                 return UpdateResult(lost=True)
             cfg, iteration = self.config.algo, shard.iteration
-            for group in self.optimizer.param_groups:
-                group["lr"] = cfg.learning_rate * lr_factor(cfg.lr_schedule, iteration, self.config.iterations,
-                                                            cfg.warmup_iterations)
+            lr = cfg.learning_rate * lr_factor(cfg.lr_schedule, iteration, self.config.iterations,
+                                               cfg.warmup_iterations)
             rng = np.random.default_rng([self.config.seed, iteration, self.rank])
             train_policy = replace(self.policy, unet=self.ddp)
             per_task, own = [], {}
             for task in sorted(set(shard.tasks)):  # the paper's joint training: each task's steps in turn
                 mine = [i for i, t in enumerate(shard.tasks) if t == task]
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr * self.lr_scales[task]
                 per_task.append(self.objective.update(train_policy, [trajectories[i] for i in mine],
                                                       [shard.advantages[i] for i in mine], self.optimizer, rng,
                                                       no_sync=self.ddp.no_sync, dtype=self.dtype))
                 if len(self.task_names) > 1:  # which task moves the weights most
                     own.update({f"{key}/{self.task_names[task]}": per_task[-1][key] for key in ("loss", "grad_norm")})
+                    own[f"lr/{self.task_names[task]}"] = lr * self.lr_scales[task]
             stats = {**reduce_metrics(per_task), **own}
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
             if self.pretrain_batches is not None:  # L_pre, its own step after the RL steps
                 from rlds.algo.regularizers import pretrain_step
 

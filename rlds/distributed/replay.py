@@ -54,6 +54,8 @@ class ReplayStore:
         self.changed = asyncio.Condition()
         self.depth_gauge = metrics.Gauge("rlds_replay_depth", "Samples reserved, scoring or ready")
         self.drop_counter = metrics.Counter("rlds_drops", "Samples dropped, by reason", tag_keys=("reason",))
+        for reason in DROP_REASONS:  # every reason's series exists from the start, at 0: a board shows
+            self.drop_counter._record(0, tags={"reason": reason})  # "none dropped", not "no data" (inc refuses 0)
         self.lag_hist = metrics.Histogram("rlds_policy_lag", "Learner version minus behaviour version",
                                           boundaries=[0.5, 1.5, 2.5, 4.5, 8.5])
         self.score_hist = metrics.Histogram("rlds_score_wait_s", "Seconds from add to scored",
