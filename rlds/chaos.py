@@ -7,8 +7,10 @@ must finish, its books must balance (`accounting.json`) and the served policy ve
 The figures go to `chaos.json` in the run folder.
 
 Kills stay within what the run is set to survive: sampler kills within the trainer's restart budget,
-learner kills within `learner.max_restarts`, and at most 3 kills of one reward actor (Ray restarts a
-reward actor itself, up to 3 times, and retries the batch it died scoring).
+learner kills within `learner.max_restarts` and only of a group that has trained an iteration since
+it was built (a kill while a group is being rebuilt costs a second restart), and at most 3 kills of
+one reward actor (Ray restarts a reward actor itself, up to 3 times, and retries the batch it died
+scoring).
 """
 from __future__ import annotations
 
@@ -63,11 +65,15 @@ class Chaos:
         self.kills: Counter = Counter()
         self.reward_kills: Counter = Counter()  # actor id -> kills
         self.killed: set[str] = set()  # samplers and learner ranks, dead until the trainer replaces them
+        self.group, self.group_rows = None, 0  # the learner group last seen, and the metrics rows then
         self.versions: list[int] = []
         self.stop = threading.Event()
 
+    def _rows(self) -> int:
+        return len(self.metrics.read_text().splitlines()) if self.metrics.exists() else 0
+
     def _started(self) -> bool:
-        return self.metrics.exists() and bool(self.metrics.read_text().strip())
+        return self._rows() > 0
 
     def _budget_left(self, kind: str) -> bool:
         c = self.trainer.config
@@ -81,9 +87,12 @@ class Chaos:
         t = self.trainer
         if kind == "sampler":
             actors = [a for a in t.samplers if a is not None and a._actor_id.hex() not in self.killed]
-        elif kind == "learner":  # one rank at a time: a group with a dead rank is being rebuilt
+        elif kind == "learner":  # one rank of a group that has trained since it was built
             group = t.learners.actors if t.learners is not None else []
-            actors = [] if any(a._actor_id.hex() in self.killed for a in group) else list(group)
+            if t.learners is not self.group:
+                self.group, self.group_rows = t.learners, self._rows()
+            trained = self._rows() > self.group_rows
+            actors = [] if not trained or any(a._actor_id.hex() in self.killed for a in group) else list(group)
         else:
             actors = [a for pools in t.pools for pool in pools for a in pool.actors
                       if self.reward_kills[a._actor_id.hex()] < REWARD_ACTOR_KILLS]

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.timeout(420)
 
 def test_a_run_survives_its_actors_being_killed(ray_local, tiny_config, tmp_path):
     config = tiny_config(f"run_dir={tmp_path}", "iterations=16", "learner.num_workers=2", "checkpoint_every=2",
-                         "replay.max_staleness=1", "ray.actor_timeout_s=60")
+                         "replay.max_staleness=1", "ray.actor_timeout_s=240")
     report, run_dir = run_chaos(config, every_s=4.0, seed=0)
     assert report.completed, report.error
     assert all(report.kills[kind] >= 1 for kind in ("sampler", "reward", "learner")), report.kills

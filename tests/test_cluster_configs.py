@@ -77,3 +77,49 @@ def test_kuberay_manifests_keep_token_auth_and_no_open_service(name):
     spec = cluster["spec"]["rayClusterSpec"] if cluster["kind"] == "RayJob" else cluster["spec"]
     assert spec["authOptions"]["mode"] == "token"
     assert "LoadBalancer" not in text and "NodePort" not in text  # reached with kubectl port-forward
+
+
+KUBERAY_CRDS = ROOT / "tests" / "data" / "kuberay-v1.5.1"  # cluster/README.md names KubeRay 1.5.1
+
+
+def strict(schema):
+    """Kubernetes prunes (and `kubectl apply --validate=strict` rejects) fields a structural schema
+    does not name: close every object schema that lists its properties, as the API server would."""
+    if isinstance(schema, dict):
+        schema = {k: strict(v) for k, v in schema.items()}
+        if "properties" in schema and "additionalProperties" not in schema \
+                and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            schema["additionalProperties"] = False
+        return schema
+    if isinstance(schema, list):
+        return [strict(v) for v in schema]
+    return schema
+
+
+@pytest.fixture(scope="module")
+def crd_validators():
+    import gzip
+
+    import jsonschema
+
+    validators = {}
+    for path in KUBERAY_CRDS.glob("*.yaml.gz"):
+        crd = yaml.safe_load(gzip.decompress(path.read_bytes()))
+        (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+        validators[crd["spec"]["names"]["kind"]] = jsonschema.Draft7Validator(strict(v1["schema"]["openAPIV3Schema"]))
+    assert set(validators) == {"RayCluster", "RayJob"}
+    return validators
+
+
+@pytest.mark.parametrize("name", ["cluster/kuberay/raycluster.yaml", "cluster/kuberay/rayjob.yaml"])
+def test_kuberay_manifests_match_the_pinned_crds(name, crd_validators):
+    docs = [d for d in yaml.safe_load_all((ROOT / name).read_text()) if d and d.get("kind") in crd_validators]
+    assert docs
+    for doc in docs:
+        validator = crd_validators[doc["kind"]]
+        errors = [f"{'.'.join(map(str, e.path))}: {e.message[:200]}" for e in validator.iter_errors(doc)]
+        assert not errors, errors
+        typo = copy.deepcopy(doc)
+        spec = typo["spec"]["rayClusterSpec"] if doc["kind"] == "RayJob" else typo["spec"]
+        spec["authOption"] = spec.pop("authOptions")
+        assert list(validator.iter_errors(typo)), "a misspelt field must fail"

@@ -35,7 +35,7 @@ def test_a_node_lost_without_warning_costs_only_its_work_in_flight(cluster, tiny
 
     cluster, workers = cluster
     config = tiny_config(f"run_dir={tmp_path}", "iterations=10", "learner.num_workers=2", "checkpoint_every=2",
-                         "replay.max_staleness=1", "ray.actor_timeout_s=120")
+                         "replay.max_staleness=1", "ray.actor_timeout_s=240")
     trainer = Trainer(config, progress=False)
     removed = []
 
