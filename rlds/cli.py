@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train with RL. CONFIG is a YAML file or a shipped config name "
                     f"(default: {DEFAULT_CONFIG}); key=value pairs override any config key, e.g. "
                     "`rlds train configs/shapes_composition.yaml iterations=30 algo.learning_rate=5e-5`, "
-                    "`rlds train tiny replay.max_staleness=0`. "
+                    "`rlds train tiny replay.max_staleness=0`, a list entry's key: `tasks[1].lr_scale=0.5`. "
                     "Joins the Ray cluster in RAY_ADDRESS (or ray.address=...; `auto` finds a `ray start` head on "
                     "this machine), else starts a private one.")
     train.add_argument("args", nargs="*", metavar="CONFIG | key=value")

@@ -11,6 +11,7 @@ came from. Nothing is rewritten behind the user's back: a derived default is Non
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -358,18 +359,35 @@ def _apply_override(data: dict, item: str) -> None:
 
 
 def _set_dotted(data: dict, key: str, value, what: str) -> None:
+    """Set `a.b.c` (or an entry of a list that the file has: `tasks[1].lr_scale`)."""
     node = data
     parts = key.split(".")
     for i, part in enumerate(parts[:-1]):
-        nxt = node.get(part)
-        if isinstance(nxt, list) and i + 1 < len(parts) and parts[i + 1].isdigit():
-            raise ConfigError(f"{what}: list entries are set in the file")
+        name, index = _indexed(part, what)
+        nxt = node.get(name)
+        if index is not None:
+            if not isinstance(nxt, list) or index >= len(nxt):
+                have = f"{len(nxt)} entries" if isinstance(nxt, list) else "no list there"
+                raise ConfigError(f"{what}: {'.'.join(parts[:i] + [name])} has no entry {index} ({have})")
+            nxt = nxt[index]
+        elif isinstance(nxt, list) and i + 1 < len(parts) and parts[i + 1].isdigit():
+            raise ConfigError(f"{what}: a list entry is named {name}[N], e.g. {name}[0].{parts[-1]}")
         if nxt is None:
-            nxt = node[part] = {}
+            nxt = node[name] = {}
         if not isinstance(nxt, dict):
             raise ConfigError(f"{what}: {'.'.join(parts[:i + 1])} is not a mapping")
         node = nxt
     node[parts[-1]] = value
+
+
+def _indexed(part: str, what: str) -> tuple[str, Optional[int]]:
+    """`tasks[1]` -> ("tasks", 1); `algo` -> ("algo", None)."""
+    if "[" not in part:
+        return part, None
+    match = re.fullmatch(r"(\w+)\[(\d+)\]", part)
+    if match is None:
+        raise ConfigError(f"{what}: {part!r} is not name or name[N]")
+    return match.group(1), int(match.group(2))
 
 
 def with_changes(config, changes: dict[str, Any], check):

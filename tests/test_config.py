@@ -118,6 +118,12 @@ def test_tasks_make_the_batch_and_are_checked_one_by_one(tmp_path):
         load_config(write(tmp_path, TASKS + "rewards: [{name: brightness}]\n"))
     with pytest.raises(ConfigError, match=r"algo\.batch_size: with tasks it is the sum .* \(16\)"):
         load_config(write(tmp_path, TASKS + "algo: {batch_size: 12}\n"))
+    c = load_config(write(tmp_path, TASKS), ("tasks[1].lr_scale=0.5", "tasks[0].batch_size=4"))
+    assert [(t.lr_scale, t.batch_size) for t in c.tasks] == [(1.0, 4), (0.5, 8)]
+    with pytest.raises(ConfigError, match=r"tasks has no entry 2 \(2 entries\)"):
+        load_config(write(tmp_path, TASKS), ("tasks[2].lr_scale=0.5",))
+    with pytest.raises(ConfigError, match=r"a list entry is named tasks\[N\]"):
+        load_config(write(tmp_path, TASKS), ("tasks.1.lr_scale=0.5",))
     with pytest.raises(ConfigError, match=r"tasks\[1\]\.lr_scale: must be above 0"):
         load_config(write(tmp_path, TASKS.replace("advantage: batch", "advantage: batch\n    lr_scale: 0")))
     with pytest.raises(ConfigError, match=r"tasks\[1\]\.name: each task needs a name of its own"):
