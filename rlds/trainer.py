@@ -250,8 +250,10 @@ class Trainer:
     def _recover_learners(self, version: int, error: Exception) -> int:
         """Replace a failed learner group with a new one that starts from the last checkpoint (the
         run's start if there is none yet) and publishes it as `version`; the samplers sample on
-        meanwhile, and what they made with the lost weights is dropped as stale. Returns the
-        iteration restored. Gives up after `learner.max_restarts`."""
+        meanwhile, and what they made with the lost weights is dropped as stale. When rank 0 had
+        published `version` before another rank failed, the new group takes those weights instead
+        (a version is published once). Returns the iteration whose weights it holds. Gives up after
+        `learner.max_restarts`."""
         c = self.config
         while True:
             self.restarts["learner"] += 1
@@ -271,7 +273,12 @@ class Trainer:
                     trainable, optimizer, meta = read_checkpoint(checkpoint)
                     self.learners.load_state(trainable, optimizer)
                     restored = meta["iteration"]
-                self.learners.publish(version)
+                published = ray.get(self.weights.newer_than.remote(version - 1))
+                if published is not None:  # rank 0 had published this update before a rank failed:
+                    self.learners.load_weights(published.flat)  # keep its weights (optimizer: the checkpoint's)
+                    restored = published.version
+                else:
+                    self.learners.publish(version)
             except (ray.exceptions.RayError, TimeoutError) as e:  # no room yet, or it failed again
                 error = e
                 continue
@@ -394,8 +401,12 @@ class Trainer:
             if (it + 1) % c.checkpoint_every == 0 or it + 1 == c.iterations or stop:
                 try:
                     self._checkpoint(run_dir, it + 1, samples)
-                except LEARNER_FAILURES as e:  # what it trained since the last checkpoint is lost with it
-                    self._recover_learners(it + 1, e)
+                except LEARNER_FAILURES as e:
+                    # Its weights are published as it + 1 already, so the group is rebuilt where a
+                    # new version can be: the next update fails on the dead rank, and that
+                    # iteration is spent on the rebuild (the batch counted as learner_failed).
+                    log.warning("no checkpoint at iteration %d: the learner group failed (%s); the newest "
+                                "is %s", it + 1, _last_line(e), self.last_checkpoint or "none")
             if not self.progress:  # logs (a Ray job's, say) get a line where a terminal gets a bar
                 val = "".join(f"  {k} {x:.4g}" for k, x in validation.figures.items()
                               if k.count("/") <= 2) if validation is not None else ""

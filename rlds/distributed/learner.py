@@ -91,6 +91,12 @@ class LearnerActor:
         load_trainable_bytes(self.policy.unet, trainable)
         load_optimizer_bytes(self.optimizer, optimizer)
 
+    def load_weights(self, flat: np.ndarray) -> None:
+        """The published weights (a copy: this rank trains them in place)."""
+        from rlds.policy import load_flat_trainable
+
+        load_flat_trainable(self.policy.unet, flat, share=False)
+
     def state(self) -> tuple[bytes, bytes]:
         from rlds.checkpoint import optimizer_bytes, trainable_bytes
 
@@ -222,6 +228,9 @@ class LearnerGroup:
 
     def load_state(self, trainable: bytes, optimizer: bytes) -> None:
         ray.get([a.load_state.remote(trainable, optimizer) for a in self.actors])
+
+    def load_weights(self, flat_ref: ray.ObjectRef) -> None:
+        ray.get([a.load_weights.remote(flat_ref) for a in self.actors])
 
     def shutdown(self, timeout_s: float = 30) -> None:
         """Leave the process group where a rank can (a hung or dead one cannot), then kill every rank."""
