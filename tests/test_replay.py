@@ -78,7 +78,7 @@ def test_failed_nan_and_stale_rewards_are_counted_not_lost(ray_local):
     (["good", "bad"], "not numbers"),
 ])
 def test_a_reward_that_returns_the_wrong_thing_is_named(scores, message):
-    from rlds.distributed.reward import checked_scores
+    from rlds.rewards.base import checked_scores
 
     with pytest.raises(ValueError, match=message):
         checked_scores("mine", scores, 2)

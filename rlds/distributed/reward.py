@@ -7,6 +7,7 @@ import numpy as np
 import ray
 
 from rlds.config import RewardConfig
+from rlds.rewards.base import checked_scores
 from rlds.stats import timer
 
 
@@ -31,20 +32,7 @@ class RewardActor:
         with timer("score", took):
             scores = self.reward(images, prompts, group_ids)
         self.latency.observe(took["score"])
-        return checked_scores(self.name, scores, len(images))
-
-
-def checked_scores(name: str, scores, count: int) -> np.ndarray:
-    """One float per image, or an error that says what the reward returned instead (a non-finite
-    score is let through: the store drops and counts it as `nan_reward`)."""
-    try:
-        out = np.asarray(scores, dtype=np.float32)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"reward {name!r} returned scores that are not numbers ({type(scores).__name__}: {e})")
-    if out.shape != (count,):
-        raise ValueError(f"reward {name!r} returned scores of shape {out.shape} for {count} images; "
-                         f"it must return one number per image, shape ({count},)")
-    return out
+        return checked_scores(self.name, scores, len(images))  # any reward class, GroupReward too
 
 
 def reward_runtime_env(cfg: RewardConfig) -> dict:

@@ -22,7 +22,7 @@ class ImageReward(ABC):
         """One float per image."""
 
     def __call__(self, images: np.ndarray, prompts: list[str], group_ids: np.ndarray) -> np.ndarray:
-        return np.asarray(self.score(images, prompts), dtype=np.float32).reshape(len(images))
+        return checked_scores(type(self).__name__, self.score(images, prompts), len(images))
 
 
 class GroupReward(ABC):
@@ -59,3 +59,16 @@ def leave_one_out_credit(score: Callable[[np.ndarray], float], size: int) -> np.
         return np.full(size, whole)
     without = np.array([score(np.delete(every, i)) for i in range(size)])
     return whole - without + without.mean()
+
+
+def checked_scores(name: str, scores, count: int) -> np.ndarray:
+    """One float per image, or an error that says what the reward returned instead (a non-finite
+    score is let through: the store drops and counts it as `nan_reward`)."""
+    try:
+        out = np.asarray(scores, dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"reward {name!r} returned scores that are not numbers ({type(scores).__name__}: {e})")
+    if out.shape != (count,):
+        raise ValueError(f"reward {name!r} returned scores of shape {out.shape} for {count} images; "
+                         f"it must return one number per image, shape ({count},)")
+    return out
