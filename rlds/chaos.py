@@ -78,7 +78,7 @@ class Chaos:
     def _budget_left(self, kind: str) -> bool:
         c = self.trainer.config
         if kind == "sampler":
-            return self.kills[kind] < MAX_SAMPLER_RESTARTS * c.sampler.num_workers
+            return self.kills[kind] < MAX_SAMPLER_RESTARTS * c.sampler.max_workers
         if kind == "learner":
             return self.kills[kind] < c.learner.max_restarts
         return True

@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, NoReturn, Optional
+from typing import Any, Callable, NoReturn, Optional, Union
 
 import yaml
 
@@ -136,11 +136,21 @@ class TaskConfig:
 
 @dataclass
 class SamplerConfig:
-    num_workers: int = 2
+    # a count, or a range [min, max]: min samplers always, and more, up to max, while the cluster has
+    # room for them (an autoscaling cluster is asked for that room)
+    num_workers: Union[int, list[int]] = 2
     batch_size: int = 4  # trajectories per sampler call; also the learner's micro-batch
     images_per_prompt: int = 1  # a group of this many images shares a prompt (single-task configs)
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[-1]
 
 
 @dataclass
@@ -272,8 +282,19 @@ def _convert(value, tp, where: str):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _convert(value, inner, where)
+        inner = [a for a in args if a is not type(None)]
+        for choice in inner[:-1]:  # the first that fits
+            try:
+                return _convert(value, choice, where)
+            except ConfigError:
+                pass
+        try:
+            return _convert(value, inner[-1], where)
+        except ConfigError:
+            if len(inner) == 1:
+                raise
+        raise ConfigError(f"{where}: expected {' or '.join(_type_name(a) for a in inner)}, "
+                          f"got {type(value).__name__} {value!r}")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -450,6 +471,9 @@ def check_config(c: Config, fail: Fail) -> None:
         fail("resume", "auto continues the run in run_dir: set run_dir=... too (the same folder every time)")
     if c.keep_checkpoints is not None and c.keep_checkpoints < 1:
         fail("keep_checkpoints", "must be 1 or more (or null: keep every checkpoint)")
+    n = c.sampler.num_workers
+    if (isinstance(n, int) and n < 1) or (isinstance(n, list) and (len(n) != 2 or not 1 <= n[0] <= n[1])):
+        fail("sampler.num_workers", f"{n} is neither a count of at least 1 nor a range [min, max] with 1 <= min <= max")
     if c.learner.max_restarts < 0:
         fail("learner.max_restarts", "must be 0 (a failed learner rank ends the run) or more")
     if c.replay.max_staleness < 0:

@@ -39,6 +39,9 @@ from rlds.stats import group_diagnostics, timer
 
 log = logging.getLogger("rlds")
 MAX_SAMPLER_RESTARTS = 3
+# how long a sampler that cannot be reached waits for the cluster to say whether its node is gone
+# (GCS's health checks take about 30 s to call a node dead) before it counts as failed
+NODE_DEATH_GRACE_S = 90.0
 # how a learner group fails: a rank died (RayActorError), raised (RayTaskError: a collective whose
 # peer is gone, say) or hung past ray.actor_timeout_s (TimeoutError)
 LEARNER_FAILURES = (ray.exceptions.RayError, TimeoutError)
@@ -83,6 +86,7 @@ class Trainer:
                 prompt_list(task, limit=1)  # a source without training prompts fails here, naming it
         self.prompts = [[] if src else prompt_list(t) for t, src in zip(self.tasks, self.sources)]
         self.restarts = {"sampler": 0, "validator": 0, "learner": 0}
+        self.samplers_left = 0  # samplers that went with their node: not failures
         self.last_checkpoint: Optional[Path] = None  # what a rebuilt learner group starts from
         self.reported_errors: set[str] = set()  # drop reasons already logged
         self.incarnations: dict[int, int] = {}
@@ -113,14 +117,20 @@ class Trainer:
         ray.get(self.store.restart_from.remote(start_iteration))
         self.learners.publish(start_iteration)
         self.start_iteration = start_iteration
-        self.samplers: list = [None] * c.sampler.num_workers
+        # one slot per sampler the range allows; a slot past sampler.num_workers' min is filled while
+        # the cluster has room (`_scale_samplers`), and emptied when its node leaves
+        self.samplers: list = [None] * c.sampler.max_workers
         self.sampler_ids: dict[str, int] = {}  # actor id -> sampler index, for prompt positions
-        self.loops: list = [None] * c.sampler.num_workers
-        for i in range(c.sampler.num_workers):
+        self.loops: list = [None] * c.sampler.max_workers
+        self.sampler_nodes: list = [None] * c.sampler.max_workers  # -> the node id each one runs on
+        self.unreachable: dict[int, float] = {}  # sampler -> since when it cannot be reached
+        for i in range(c.sampler.min_workers):
             self._start_sampler(i)
         self.validating = None
         self.validator = self._start_validator() if c.validation.every else None
         self._check_rewards_started()
+        if c.sampler.max_workers > c.sampler.min_workers:
+            self._request_room()
 
     def _check_rewards_started(self) -> None:
         """Every reward actor is up (its environment built, its model loaded), or the run fails now
@@ -151,26 +161,88 @@ class Trainer:
             index, c, self.sampler_tasks, self.store, self.weights, self.start_iteration, incarnation, positions)
         self.samplers[index] = actor
         self.sampler_ids[actor._actor_id.hex()] = index
+        self.sampler_nodes[index] = actor.node.remote()
         self.loops[index] = actor.run.remote()
 
     def _check_samplers(self) -> None:
-        """Restart a sampler whose loop ended while the run goes on (it died, or raised)."""
-        done, _ = ray.wait([r for r in self.loops], num_returns=len(self.loops), timeout=0)
+        """Restart a sampler whose loop ended while the run goes on (it died, or raised); one that
+        left with its node is not a failure: its slot is refilled when there is room again."""
+        running = [r for r in self.loops if r is not None]
+        done, _ = ray.wait(running, num_returns=len(running), timeout=0)
+        alive_nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]} if done else set()
         for ref in done:
             i = self.loops.index(ref)
             try:
                 ray.get(ref)
                 reason = "its loop returned early"
+            except ray.exceptions.ActorUnavailableError as e:
+                # the connection to it broke: its node may be going, and the cluster not know it yet
+                node, since = self._sampler_node(i), self.unreachable.setdefault(i, time.monotonic())
+                if node in alive_nodes and time.monotonic() - since < NODE_DEATH_GRACE_S:
+                    continue
+                reason = _last_line(e)
             except Exception as e:  # noqa: BLE001 (any failure of the actor is handled the same way)
                 reason = _last_line(e)
+            self.unreachable.pop(i, None)
+            ray.get(self.store.release.remote(self.samplers[i]._actor_id.hex()))
+            ray.kill(self.samplers[i])
+            node = self._sampler_node(i)
+            if node is not None and node not in alive_nodes:
+                self.samplers_left += 1
+                log.warning("sampler %d left with its node %s; its work in flight is dropped and counted", i,
+                            node[:12])
+                self.samplers[i] = self.loops[i] = self.sampler_nodes[i] = None
+                if i < self.config.sampler.min_workers:
+                    self._start_sampler(i)  # one of the run's minimum: it waits for room wherever there is
+                continue
             self.restarts["sampler"] += 1
             if self.restarts["sampler"] > MAX_SAMPLER_RESTARTS * len(self.loops):
                 raise RuntimeError(f"sampler {i} failed again ({reason}); giving up after "
                                    f"{self.restarts['sampler'] - 1} restarts")
             log.warning("sampler %d stopped (%s); restarting it", i, reason)
-            ray.get(self.store.release.remote(self.samplers[i]._actor_id.hex()))
-            ray.kill(self.samplers[i])
             self._start_sampler(i)
+
+    def _sampler_node(self, index: int) -> Optional[str]:
+        """The node sampler `index` ran on, if it ever started."""
+        ref = self.sampler_nodes[index]
+        try:
+            return ray.get(ref, timeout=0) if ray.wait([ref], timeout=0)[0] else None
+        except ray.exceptions.RayError:
+            return None
+
+    def _samplers_running(self) -> int:
+        """Samplers that have started (a slot's actor may still wait for room)."""
+        refs = [r for r in self.sampler_nodes if r is not None]
+        return len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) if refs else 0
+
+    def _scale_samplers(self) -> None:
+        """Fill empty sampler slots (a range's past its min) while the cluster has room for one more
+        sampler: nodes an autoscaler added, or resources other work gave back."""
+        s = self.config.sampler
+        empty = [i for i, a in enumerate(self.samplers) if a is None]
+        if not empty:
+            return
+        need = {"CPU": s.num_cpus, "GPU": s.num_gpus}
+        free = ray.available_resources()
+        for i in empty:
+            if any(free.get(k, 0.0) + 1e-9 < v for k, v in need.items() if v > 0):
+                return
+            log.info("the cluster has room for sampler %d; starting it", i)
+            self._start_sampler(i)
+            for k, v in need.items():
+                free[k] = free.get(k, 0.0) - v
+
+    def _request_room(self) -> None:
+        """Tell an autoscaler the run's shape at its most samplers, so that it adds the nodes they
+        need (a cluster without one ignores this; rlds then uses what room there is)."""
+        from ray.autoscaler.sdk import request_resources
+
+        c, s = self.config, self.config.sampler
+        bundles = [{"CPU": s.num_cpus, "GPU": s.num_gpus}] * s.max_workers
+        bundles += [{"CPU": c.learner.num_cpus, "GPU": c.learner.num_gpus}] * c.learner.num_workers
+        bundles += [{"CPU": r.num_cpus, "GPU": r.num_gpus} for t in self.tasks for r in t.rewards
+                    for _ in range(r.num_actors)]
+        request_resources(bundles=[{k: v for k, v in b.items() if v > 0} or {"CPU": 0.001} for b in bundles])
 
     # ------------------------------------------------------------------ loop
 
@@ -238,7 +310,7 @@ class Trainer:
         trainable, optimizer = ray.get(self.learners.state(), timeout=self.config.ray.actor_timeout_s)
         positions = [[i, t, *pos] for (i, t), pos in sorted(self.prompt_positions.items())]
         state = {"iteration": iteration, "samples": samples, "tracker": self.tracker.state_dict(),
-                 "prompt_positions": {"samplers": self.config.sampler.num_workers, "positions": positions}}
+                 "prompt_positions": {"samplers": self.config.sampler.max_workers, "positions": positions}}
         self.last_checkpoint = save_checkpoint(run_dir / "checkpoints" / f"iter_{iteration:06d}", trainable,
                                                optimizer, state)
         if self.config.keep_checkpoints:
@@ -288,10 +360,10 @@ class Trainer:
     def _load_prompt_positions(self, saved: Optional[dict]) -> None:
         if not saved or not saved["positions"]:
             return
-        if saved["samplers"] != self.config.sampler.num_workers:
+        if saved["samplers"] != self.config.sampler.max_workers:
             log.warning("resume: the checkpoint's prompt shards were cut for %d samplers and this run has %d; "
                         "the streamed prompt files start again from their beginning", saved["samplers"],
-                        self.config.sampler.num_workers)
+                        self.config.sampler.max_workers)
             return
         self.prompt_positions = {(i, t): (epoch, drawn) for i, t, epoch, drawn in saved["positions"]}
 
@@ -354,6 +426,7 @@ class Trainer:
         last = time.perf_counter()
         for it in range(start, c.iterations):
             self._check_samplers()
+            self._scale_samplers()
             times: dict = {}
             with timer("time/wait_batch_s", times):
                 while True:  # a batch whose sampler died in between is dropped and replaced
@@ -381,7 +454,8 @@ class Trainer:
                    "time/learner_idle_ratio": wait_s / (now - last),
                    "throughput/samples_per_s": c.algo.batch_size / (now - last),
                    "replay/depth": store["depth"], "samples_generated": store["added"],
-                   "restarts/sampler": self.restarts["sampler"], "restarts/learner": self.restarts["learner"]}
+                   "restarts/sampler": self.restarts["sampler"], "restarts/learner": self.restarts["learner"],
+                   "samplers/running": self._samplers_running(), "samplers/left": self.samplers_left}
             row.update({f"drops/{k}": n for k, n in store["drops"].items()})
             for reason, message in store["errors"].items():  # said once, in the user's terminal
                 if reason not in self.reported_errors:

@@ -58,6 +58,20 @@ def test_overrides_apply_and_are_checked(tmp_path):
         load_config(path, ("iterations",))
 
 
+@pytest.mark.parametrize("value, message", [
+    ("[4, 1]", r"\[4, 1\] is neither a count of at least 1 nor a range \[min, max\]"),
+    ("[1, 2, 3]", r"\[1, 2, 3\] is neither"), ("0", "0 is neither"),
+    ("two", r"sampler.num_workers: expected int or list, got str 'two'"),
+])
+def test_sampler_count_is_a_count_or_a_range(tmp_path, value, message):
+    path = write(tmp_path, "prompts: {items: [a]}\nrewards: [{name: brightness}]\n")
+    c = load_config(path, ("sampler.num_workers=[1, 4]",))
+    assert (c.sampler.min_workers, c.sampler.max_workers) == (1, 4)
+    assert (load_config(path).sampler.min_workers, load_config(path).sampler.max_workers) == (2, 2)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, (f"sampler.num_workers={value}",))
+
+
 def test_inconsistent_sizes_are_explained(tmp_path):
     path = write(tmp_path, BASE + "algo: {batch_size: 10}\nsampler: {batch_size: 4}\n")
     with pytest.raises(ConfigError, match=r"algo\.batch_size: 10 is not a positive multiple of sampler\.batch_size"):

@@ -85,6 +85,22 @@ def test_a_reward_that_returns_the_wrong_thing_is_named(scores, message):
     assert checked_scores("mine", [1, np.inf], 2).dtype == np.float32  # non-finite: dropped by the store
 
 
+@pytest.mark.parametrize("images, message", [
+    (np.zeros((2, 32, 32, 3), np.float32), r"given images as float32 \(2, 32, 32, 3\); it scores uint8"),
+    (np.zeros((2, 32, 32), np.uint8), r"as uint8 \(2, 32, 32\)"),
+    (np.zeros((2, 32, 32, 4), np.uint8), r"as uint8 \(2, 32, 32, 4\)"),
+    ([[0]], "as list"),
+    (np.zeros((3, 32, 32, 3), np.uint8), "given 3 images for 2 prompts"),
+    (np.zeros((2, 32, 16, 3), np.uint8), "needs images of at least 32x32 pixels and was given 32x16"),
+])
+def test_images_a_reward_cannot_score_are_named(images, message):
+    from rlds.rewards.base import checked_images
+
+    with pytest.raises(ValueError, match=message):
+        checked_images("mine", images, 2, min_size=32)
+    assert checked_images("mine", np.zeros((2, 64, 48, 3), np.uint8), 2, min_size=32).shape == (2, 64, 48, 3)
+
+
 def test_a_dead_samplers_reservations_and_entries_are_released(ray_local):
     ray = ray_local
     from rlds.distributed.replay import ReplayStore, books

@@ -80,6 +80,32 @@ def test_pretrain_set_names_the_missing_column(tmp_path):
         PretrainSet(bad)
 
 
+def test_pretrain_set_images_of_any_size_and_mode_come_out_square_rgb_and_a_broken_one_is_named(tmp_path):
+    from rlds.data.pretrain_set import png_bytes
+
+    def encoded(array, mode):
+        import io
+
+        from PIL import Image
+        buf = io.BytesIO()
+        Image.fromarray(array, mode).save(buf, format="PNG")
+        return buf.getvalue()
+
+    wide = np.zeros((20, 60, 3), np.uint8)
+    wide[:, 20:40] = 255  # the centre third: what a centre crop keeps
+    rows = [png_bytes(wide), encoded(np.full((64, 64, 4), 200, np.uint8), "RGBA"),
+            encoded(np.full((8, 8), 90, np.uint8), "L")]
+    good = tmp_path / "mixed.parquet"
+    pq.write_table(pa.table({"image": rows, "caption": ["wide", "rgba", "grey"]}), good)
+    images, captions = next(PretrainSet(good, resolution=32).batches(3, shuffle=False))
+    assert images.shape == (3, 32, 32, 3) and images.dtype == np.uint8 and captions == ["wide", "rgba", "grey"]
+    assert images[0].min() == 255 and images[2].max() == 90
+    broken = tmp_path / "broken.parquet"
+    pq.write_table(pa.table({"image": [rows[0], b"not a png"], "caption": ["ok", "bad"]}), broken)
+    with pytest.raises(ValueError, match=r"broken.parquet, row group 0, row 1: its image does not decode"):
+        list(PretrainSet(broken).batches(2, shuffle=False))
+
+
 def test_detector_finds_rendered_shapes():
     found = []
     for scene in scenes(400, seed=2):

@@ -194,6 +194,16 @@ def test_a_reward_whose_environment_cannot_be_built_fails_the_run_at_once(ray_lo
     assert books["balanced"]
 
 
+def test_images_too_small_for_a_reward_stop_the_run_with_what_it_needs(ray_local, tiny_config, tmp_path):
+    # ShapesWorld's rewards are calibrated on 32 px images; the tiny model draws 16 px ones
+    config = tiny_config(f"run_dir={tmp_path}", "rewards=[{name: shapes_quality, num_cpus: 0.25}]")
+    with pytest.raises(RuntimeError, match=r"refused every sampled batch .*'shapes_quality' needs images of at "
+                                           r"least 32x32 pixels and was given 16x16"):
+        Trainer(config, progress=False).run()
+    books = json.loads((tmp_path / "accounting.json").read_text())
+    assert books["balanced"] and books["trained"] == 0 and books["dropped"]["reward_failed"] >= 3 * 8
+
+
 def test_published_weights_outlive_the_learner_that_put_them(ray_local):
     from rlds.distributed.weights import WeightStore
 

@@ -31,7 +31,7 @@ def sampler_stage(config: Config, batches: int = 4) -> dict:
     from rlds.distributed.sampler import SamplerActor, SamplerTask
     from rlds.distributed.weights import WeightStore
 
-    n = config.sampler.num_workers
+    n = config.sampler.max_workers
     per = config.sampler.batch_size
     weights = WeightStore.remote()
     store = ReplayStore.remote([per], per * n * (batches + 1), 10**6, 60.0)

@@ -150,7 +150,7 @@ class PretrainSet:
         files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
         if not files:
             raise FileNotFoundError(f"{path}: no .parquet files")
-        self.files = [pq.ParquetFile(f) for f in files]
+        self.paths, self.files = files, [pq.ParquetFile(f) for f in files]
         self.resolution, self.shuffle_groups = resolution, max(1, shuffle_groups)
         self.columns = [image_column, caption_column]
         for name, f in zip(files, self.files):
@@ -171,19 +171,31 @@ class PretrainSet:
         order = rng.permutation(len(self.groups)) if shuffle else np.arange(len(self.groups))
         images, captions = [], []
         for start in range(0, len(order), self.shuffle_groups):
-            window = [self.files[f].read_row_group(g, columns=self.columns)
-                      for f, g in (self.groups[k] for k in order[start:start + self.shuffle_groups])]
+            where = [self.groups[k] for k in order[start:start + self.shuffle_groups]]
+            window = [self.files[f].read_row_group(g, columns=self.columns) for f, g in where]
             table = pa.concat_tables(window)
             rows = rng.permutation(table.num_rows) if shuffle else np.arange(table.num_rows)
             data, text = table.column(0).to_pylist(), table.column(1).to_pylist()
             for r in rows:
-                images.append(decode_image(data[r], self.resolution))
+                try:
+                    images.append(decode_image(data[r], self.resolution))
+                except Exception as e:  # noqa: BLE001 (PIL raises several kinds)
+                    raise ValueError(f"{self._row_name(where, window, r)}: its image does not decode "
+                                     f"({type(e).__name__}: {e})") from e
                 captions.append(text[r])
                 if len(images) == batch_size:
                     yield np.stack(images), captions
                     images, captions = [], []
         if images and not drop_last:
             yield np.stack(images), captions
+
+    def _row_name(self, where, window, r: int) -> str:
+        """'FILE, row group G, row R' of row r of a window's concatenated table."""
+        for (f, g), table in zip(where, window):
+            if r < table.num_rows:
+                return f"{self.paths[f]}, row group {g}, row {r}"
+            r -= table.num_rows
+        return f"row {r}"
 
     def stream(self, batch_size: int, seed: int = 0, start: int = 0) -> Iterator[tuple[np.ndarray, list[str]]]:
         """Full batches forever, epoch after epoch (for the L_pre step), from batch number `start` on

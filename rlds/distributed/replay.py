@@ -49,6 +49,8 @@ class ReplayStore:
         self.added = 0  # trajectories handed to this store (sampled)
         self.trained_before = 0  # trajectories a resumed run had trained before this store began
         self.failed = 0  # trajectories handed to a learner group that died with them
+        self.scored_batches = 0  # sampler batches every reward scored
+        self.refused_batches = 0  # sampler batches a reward's own code refused (raised), not a dead actor
         self.closed = False
         self.jobs: set[asyncio.Task] = set()  # score joins in progress
         self.changed = asyncio.Condition()
@@ -117,7 +119,7 @@ class ReplayStore:
         job.add_done_callback(self.jobs.discard)
 
     async def _await_scores(self, batch: SampledBatch) -> None:
-        reason, scored = None, None
+        reason, scored, refused = None, None, False
         try:
             names = list(batch.scores)
             values = await asyncio.wait_for(asyncio.gather(*(batch.scores[k] for k in names)),
@@ -132,16 +134,19 @@ class ReplayStore:
             self.first_errors.setdefault(reason, f"no scores in {self.reward_timeout_s} s (ray.actor_timeout_s)")
         except Exception as e:  # a reward actor raised or died: counted and reported, never silently lost
             reason = "reward_failed"
+            refused = isinstance(e, ray.exceptions.RayTaskError)
             self.first_errors.setdefault(reason, str(e).strip().splitlines()[-1][:500] if str(e).strip() else repr(e))
         async with self.changed:
             self.pending[batch.task] -= len(batch)
             if reason is None and batch.sampler in self.dead:
                 reason = "sampler_died"
             if reason is None:
+                self.scored_batches += 1
                 self.ready.append(scored)
                 self.score_hist.observe(time.time() - batch.created)
             else:
                 self._drop(reason, len(batch))
+                self.refused_batches += refused
             self._gauge()
             self.changed.notify_all()
 
@@ -254,7 +259,8 @@ class ReplayStore:
         return {"added": self.added, "consumed": sum(self.consumed), "depth": self.in_flight(),
                 "trained": sum(self.consumed) - self.trained_before - self.failed,
                 "scoring": sum(self.pending), "ready": sum(len(e) for e in self.ready),
-                "drops": {reason: self.drops[reason] for reason in DROP_REASONS}, "errors": dict(self.first_errors)}
+                "drops": {reason: self.drops[reason] for reason in DROP_REASONS}, "errors": dict(self.first_errors),
+                "scored_batches": self.scored_batches, "refused_batches": self.refused_batches}
 
     async def close(self) -> None:
         self.closed = True
@@ -281,6 +287,17 @@ def books(stats: dict) -> dict:
             "unaccounted": unaccounted, "balanced": unaccounted == 0, "errors": stats.get("errors", {})}
 
 
+# A reward whose own code refused this many batches, and scored none, refuses its input, not a draw:
+# the run stops and says why instead of dropping every batch until ray.actor_timeout_s.
+REFUSED_BATCHES_TO_STOP = 3
+
+
+def check_rewards_score(stats: dict) -> None:
+    if stats["scored_batches"] == 0 and stats["refused_batches"] >= REFUSED_BATCHES_TO_STOP:
+        raise RuntimeError(f"the rewards refused every sampled batch so far ({stats['refused_batches']} batches, "
+                           f"none scored; counted in drops/reward_failed): {stats['errors'].get('reward_failed')}")
+
+
 def next_batch(store, iteration: int, timeout_s: float,
                on_wait: Optional[Callable[[], None]] = None) -> TrainingBatch:
     """The next full batch from `store`, asking with a short server-side wait so that nothing is
@@ -296,6 +313,7 @@ def next_batch(store, iteration: int, timeout_s: float,
             return batch
         if on_wait is not None:
             on_wait()
+        check_rewards_score(ray.get(store.stats.remote(), timeout=timeout_s))
         if time.monotonic() > deadline:
             stats = ray.get(store.stats.remote(), timeout=10)
             raise TimeoutError(f"no full batch for iteration {iteration} in {timeout_s} s "

@@ -7,7 +7,7 @@ import numpy as np
 import ray
 
 from rlds.config import RewardConfig
-from rlds.rewards.base import checked_scores
+from rlds.rewards.base import checked_images, checked_scores
 from rlds.stats import timer
 
 
@@ -29,6 +29,7 @@ class RewardActor:
 
     def score(self, images: np.ndarray, prompts: list[str], group_ids: np.ndarray) -> np.ndarray:
         took: dict = {}
+        checked_images(self.name, images, len(prompts), getattr(self.reward, "min_image_size", 1))
         with timer("score", took):
             scores = self.reward(images, prompts, group_ids)
         self.latency.observe(took["score"])

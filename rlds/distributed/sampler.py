@@ -65,7 +65,7 @@ class SamplerLoop:
         self.store, self.weight_store, self.tasks = store, weight_store, tasks
         self.start_iteration = start_iteration
         positions = positions or {}
-        self.shards = {t: PromptShard(task.source, "train", self.index, self.config.sampler.num_workers,
+        self.shards = {t: PromptShard(task.source, "train", self.index, self.config.sampler.max_workers,
                                       self.config.seed, tuple(positions.get(t, (0, 0))))
                        for t, task in enumerate(tasks) if task.source is not None}
         self.version, self.batches = -1, 0

@@ -6,7 +6,8 @@
   of the credit, centred so that the group's mean is still exactly R(G) (see `member_values`).
 
 Both are called the same way by reward actors: `reward(images, prompts, group_ids) -> [B] float`.
-Images are uint8 arrays [B, H, W, 3].
+Images are uint8 arrays [B, H, W, 3]; a reward that cannot score images smaller than some size says so
+with `min_image_size` (pixels, both sides), and the actor refuses smaller ones (`checked_images`).
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import numpy as np
 
 
 class ImageReward(ABC):
+    min_image_size = 1
+
     @abstractmethod
     def score(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
         """One float per image."""
@@ -26,6 +29,8 @@ class ImageReward(ABC):
 
 
 class GroupReward(ABC):
+    min_image_size = 1
+
     @abstractmethod
     def score_group(self, images: np.ndarray, prompt: str) -> float:
         """One float for a group of images that share `prompt`."""
@@ -72,3 +77,18 @@ def checked_scores(name: str, scores, count: int) -> np.ndarray:
         raise ValueError(f"reward {name!r} returned scores of shape {out.shape} for {count} images; "
                          f"it must return one number per image, shape ({count},)")
     return out
+
+
+def checked_images(name: str, images, count: int, min_size: int = 1) -> np.ndarray:
+    """The batch a reward scores: uint8 [count, H, W, 3] with H and W at least `min_size`, or an error
+    that names the reward, what it was given and what it needs."""
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        got = f"{images.dtype} {images.shape}" if isinstance(images, np.ndarray) else type(images).__name__
+        raise ValueError(f"reward {name!r} was given images as {got}; it scores uint8 [B, H, W, 3]")
+    if len(images) != count:
+        raise ValueError(f"reward {name!r} was given {len(images)} images for {count} prompts")
+    h, w = images.shape[1:3]
+    if min(h, w) < min_size:
+        raise ValueError(f"reward {name!r} needs images of at least {min_size}x{min_size} pixels and was given "
+                         f"{h}x{w}: the model's images (model.source) are too small for it")
+    return images

@@ -33,7 +33,7 @@ from typing import Optional
 
 import numpy as np
 
-from rlds.data.shapes import COLOURS, SHAPES, parse_prompt, relation_offsets
+from rlds.data.shapes import COLOURS, SHAPES, SIZE, parse_prompt, relation_offsets
 from rlds.rewards.base import ImageReward
 from rlds.rewards.parity import NONE, ParityReward
 
@@ -198,6 +198,8 @@ class ShapesComposition(ImageReward):
     ~0.25 (the max falls back to one object), a blank picture 0. Never less than after erasing an object.
     """
 
+    min_image_size = SIZE  # calibrated on the renderer's images: smaller shapes fall under the size term
+
     def __init__(self, relation_min: float = 3.0, relation_scale: float = 1.5):
         self.relation_min, self.relation_scale = relation_min, relation_scale
 
@@ -251,6 +253,8 @@ class ShapesParity(ParityReward):
     each image's label is the colour of its largest shape, NONE when it has no shape. In a group of
     seven reds and a blue, the blue image scores about 0.25 above the reds."""
 
+    min_image_size = SIZE
+
     classes = COLOUR_NAMES
 
     def labels(self, images, prompts):
@@ -280,6 +284,8 @@ class ShapesQuality(ImageReward):
     - content = min(1, area of the largest blob / 20): a blank canvas scores 0, not 1.
     Renders score ~1, renders with noise or blur less, pure noise ~0.
     """
+
+    min_image_size = SIZE
 
     def __init__(self, sigma: float = 16.0):
         self.sigma = sigma
