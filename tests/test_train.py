@@ -201,7 +201,8 @@ def test_images_too_small_for_a_reward_stop_the_run_with_what_it_needs(ray_local
                                            r"least 32x32 pixels and was given 16x16"):
         Trainer(config, progress=False).run()
     books = json.loads((tmp_path / "accounting.json").read_text())
-    assert books["balanced"] and books["trained"] == 0 and books["dropped"]["reward_failed"] >= 3 * 8
+    refused = 3 * config.sampler.batch_size
+    assert books["balanced"] and books["trained"] == 0 and books["dropped"]["reward_failed"] >= refused
 
 
 def test_published_weights_outlive_the_learner_that_put_them(ray_local):
