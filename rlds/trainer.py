@@ -554,6 +554,10 @@ class Trainer:
         for actor in getattr(self, "samplers", []):
             if actor is not None:
                 ray.kill(actor)
+        if self.config.sampler.max_workers > self.config.sampler.min_workers:
+            from ray.autoscaler.sdk import request_resources
+
+            request_resources(bundles=[])  # the request outlives the run: an autoscaler would keep the nodes
         for pool in (p for pools in self.pools for p in pools):
             for actor in pool.actors:
                 ray.kill(actor)

@@ -205,6 +205,21 @@ def test_images_too_small_for_a_reward_stop_the_run_with_what_it_needs(ray_local
     assert books["balanced"] and books["trained"] == 0 and books["dropped"]["reward_failed"] >= refused
 
 
+def test_a_sampler_range_uses_the_room_there_is_and_takes_back_its_autoscaler_request(ray_local, tiny_config,
+                                                                                       tmp_path, monkeypatch):
+    import ray.autoscaler.sdk
+
+    requests = []
+    monkeypatch.setattr(ray.autoscaler.sdk, "request_resources", lambda bundles: requests.append(bundles))
+    config = tiny_config(f"run_dir={tmp_path}", "sampler.num_workers=[1, 3]", "iterations=6")
+    Trainer(config, progress=False).run()
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert rows[0]["samplers/running"] >= 1 and rows[-1]["samplers/running"] == 3  # the local instance has room
+    assert rows[-1]["samplers/left"] == 0 and rows[-1]["restarts/sampler"] == 0
+    shape, cleared = requests
+    assert shape.count({"CPU": config.sampler.num_cpus}) >= 3 and cleared == []  # the run's shape, then nothing
+
+
 def test_published_weights_outlive_the_learner_that_put_them(ray_local):
     from rlds.distributed.weights import WeightStore
 
