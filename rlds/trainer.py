@@ -242,7 +242,7 @@ class Trainer:
         bundles += [{"CPU": c.learner.num_cpus, "GPU": c.learner.num_gpus}] * c.learner.num_workers
         bundles += [{"CPU": r.num_cpus, "GPU": r.num_gpus} for t in self.tasks for r in t.rewards
                     for _ in range(r.num_actors)]
-        request_resources(bundles=[{k: v for k, v in b.items() if v > 0} or {"CPU": 0.001} for b in bundles])
+        request_resources(bundles=[b for b in ({k: v for k, v in b.items() if v > 0} for b in bundles) if b])
 
     # ------------------------------------------------------------------ loop
 

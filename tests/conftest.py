@@ -1,6 +1,7 @@
 import os
 import socket
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -8,6 +9,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ["RLDS_CACHE"] = tempfile.mkdtemp(prefix="rlds-test-cache-")  # never the user's ~/.cache
+
+
+def processes_of(*markers: str) -> list[int]:
+    """Pids of this machine's processes whose command line holds every marker (a private temp dir
+    of a cluster a test started: its processes only, never anyone else's)."""
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            line = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if all(m in line for m in markers) and int(proc.name) != os.getpid():
+            pids.append(int(proc.name))
+    return pids
 
 
 def free_port() -> int:

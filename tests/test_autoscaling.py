@@ -2,9 +2,10 @@
 multi-node provider: each node is a raylet on this machine, added and removed by the autoscaler).
 
 `ray.cluster_utils.AutoscalingCluster` would build this cluster from the provider's example config,
-which the 2.60 wheel does not ship, and its start() and shutdown() run `ray stop --force`, which
-kills every Ray cluster on the machine. So the test writes that config itself, starts the head with
-private ports and a temp dir of its own, and stops it (and the nodes it started) by pid.
+which the 2.60 wheel does not ship, and its start() and shutdown() force-stop every Ray process on
+the machine (Ray's own stop command), every other user's cluster with them. So the test writes that
+config itself, starts the head with private ports and a temp dir of its own, and stops it (and the
+nodes it started) by pid.
 """
 import json
 import os
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from conftest import free_port, processes_of
 
 pytestmark = pytest.mark.timeout(480)
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,17 +38,6 @@ def fake_cluster_config(gcs_address: str, head_cpus: int, worker_cpus: int, max_
         "rsync_filter": [], "file_mounts_sync_continuously": False, "initialization_commands": [],
         "setup_commands": [], "head_setup_commands": [], "worker_setup_commands": [],
         "head_start_ray_commands": [], "worker_start_ray_commands": []}
-
-
-def processes_of(marker: str) -> list[int]:
-    pids = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            if marker in (proc / "cmdline").read_bytes().decode(errors="replace"):
-                pids.append(int(proc.name))
-        except OSError:
-            pass
-    return [p for p in pids if p != os.getpid()]
 
 
 def kill_all(marker: str) -> None:
@@ -102,7 +92,7 @@ def test_samplers_scale_out_with_the_autoscalers_nodes_and_go_when_a_node_leaves
             assert time.monotonic() < deadline, "the samplers did not scale out to 3 (for 8 iterations)"
             time.sleep(1)
         left_at = len(rows(run_dir / "metrics.jsonl"))
-        workers = [p for p in processes_of("raylet") if temp_dir in _cmdline(p) and "raylet.1" in _cmdline(p)]
+        workers = processes_of("raylet", temp_dir, "raylet.1")
         assert workers, "no raylet of an added node"
         for pid in workers:
             os.kill(pid, signal.SIGKILL)
@@ -127,9 +117,3 @@ def test_samplers_scale_out_with_the_autoscalers_nodes_and_go_when_a_node_leaves
           f"the node left {sum(one) / max(1, len(one)):.1f} ({len(one)} iterations)")
     books = json.loads((run_dir / "accounting.json").read_text())
     assert books["balanced"], books
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-    except OSError:
-        return ""

@@ -1,7 +1,7 @@
 """What a user does: start a head of their own (private ports, token auth on), submit rlds with the
 README's `ray job submit` command, stop it as a preemption would and submit it again with
 resume=auto, follow the job to SUCCEEDED, read rlds' series from the node's metrics endpoint, and
-stop the head by its pid (never `ray stop`)."""
+stop the head by its pid (never with Ray's stop command, which stops every cluster on the machine)."""
 import json
 import os
 import re
@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from conftest import free_port, processes_of
 
 pytestmark = pytest.mark.timeout(420)
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,13 +125,7 @@ def test_the_readmes_job_submit_command_runs_on_a_head_of_our_own(tmp_path):
             os.killpg(head.pid, signal.SIGKILL)
             head.wait(timeout=30)
     deadline = time.monotonic() + 60
-    while left := [p for p in Path("/proc").glob("[0-9]*") if temp_dir in _cmdline(p)]:
+    while left := processes_of(temp_dir):
         assert time.monotonic() < deadline, f"{len(left)} of the head's processes outlived it"
         time.sleep(1)
 
-
-def _cmdline(proc: Path) -> str:
-    try:
-        return (proc / "cmdline").read_bytes().decode(errors="replace")
-    except OSError:
-        return ""
