@@ -2,7 +2,8 @@
 
 A checkpoint folder `checkpoints/iter_NNNNNN/` holds:
 - `trainable.safetensors`: the trained parameters (the full UNet, or only the LoRA weights);
-- `optimizer.safetensors`: AdamW's moments and step counts (hyper-parameters in its metadata);
+- `optimizer.safetensors`: AdamW's moments and step counts, one set or one a task (`algo.task_moments`),
+  the hyper-parameters in its metadata;
 - `state.json`: the iteration to continue from, the samples seen, the per-prompt statistics.
 """
 from __future__ import annotations
@@ -24,22 +25,34 @@ def load_trainable_bytes(module: torch.nn.Module, data: bytes, where: str = "che
     load_trainable_state_dict(module, load(data), where)
 
 
-def optimizer_bytes(optimizer: torch.optim.Optimizer) -> bytes:
-    sd = optimizer.state_dict()
-    tensors = {f"{idx}.{k}": torch.as_tensor(v).cpu().contiguous()
-               for idx, s in sd["state"].items() for k, v in s.items()}
-    return save(tensors, metadata={"param_groups": json.dumps(sd["param_groups"])})
+def optimizer_bytes(optimizers: list[torch.optim.Optimizer]) -> bytes:
+    """Every optimizer's state in one file, its tensors under "<optimizer>/<param>.<name>"."""
+    tensors, groups = {}, []
+    for n, optimizer in enumerate(optimizers):
+        sd = optimizer.state_dict()
+        tensors.update({f"{n}/{idx}.{k}": torch.as_tensor(v).cpu().contiguous()
+                        for idx, s in sd["state"].items() for k, v in s.items()})
+        groups.append(sd["param_groups"])
+    return save(tensors, metadata={"param_groups": json.dumps(groups)})
 
 
-def load_optimizer_bytes(optimizer: torch.optim.Optimizer, data: bytes) -> None:
+def load_optimizer_bytes(optimizers: list[torch.optim.Optimizer], data: bytes, where: str = "checkpoint") -> None:
     tensors = load(data)
     header_len = int.from_bytes(data[:8], "little")
-    metadata = json.loads(data[8:8 + header_len]).get("__metadata__", {})
-    state: dict = {}
+    groups = json.loads(json.loads(data[8:8 + header_len]).get("__metadata__", {})["param_groups"])
+    if len(groups) != len(optimizers):
+        raise ValueError(f"{where}: its optimizer state holds {len(groups)} sets of AdamW moments and this run "
+                         f"has {len(optimizers)} (algo.task_moments: one set shared, or one a task)")
+    states: list[dict] = [{} for _ in optimizers]
     for key, value in tensors.items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": json.loads(metadata["param_groups"])})
+        if "/" not in key:
+            raise ValueError(f"{where}: its optimizer state is in the format before per-task moments "
+                             f"({key!r}); resume it with the rlds that wrote it")
+        n, rest = key.split("/", 1)
+        idx, name = rest.split(".", 1)
+        states[int(n)].setdefault(int(idx), {})[name] = value
+    for optimizer, state, group in zip(optimizers, states, groups):
+        optimizer.load_state_dict({"state": state, "param_groups": group})
 
 
 def save_checkpoint(folder: Path, trainable: bytes, optimizer: bytes, state: dict) -> Path:

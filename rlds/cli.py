@@ -215,18 +215,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
     bench = sub.add_parser(
-        "bench", help="measure throughput: stages, pipeline, sync vs async, overhead, weights, scaling",
+        "bench", help="measure throughput: stages, pipeline, sync vs async, against one process, weights, scaling",
         description="Benchmarks on this machine (CPU) with CONFIG's actors: each stage alone, the pipeline "
-                    "end to end and its efficiency, async over sync, rlds over a plain process, weight "
-                    "publication against a memcpy, and a simulated cluster from 1 to 16 samplers. Writes "
-                    "bench.json and bench.png to --out (CONFIG default: tiny). The GPU benchmark is `python -m rlds.bench.gpu`.")
+                    "end to end and its efficiency, async over sync, rlds (sync and async) against one plain "
+                    "process that uses every core, weight publication against a memcpy, and a simulated "
+                    "cluster from 1 to 16 samplers. Writes bench.json and bench.png to --out (CONFIG default: tiny). The GPU benchmark is `python -m rlds.bench.gpu`.")
     bench.add_argument("args", nargs="*", metavar="CONFIG | key=value")
     bench.add_argument("--out", default="bench", help="output folder (default: bench/)")
-    bench.add_argument("--parts", default=",".join(["stages", "end_to_end", "sync_async", "overhead",
+    bench.add_argument("--parts", default=",".join(["stages", "end_to_end", "sync_async", "single_process",
                                                      "weights", "scaling"]),
-                       help="comma-separated subset of: stages,end_to_end,sync_async,overhead,weights,scaling")
+                       help="comma-separated subset of: stages,end_to_end,sync_async,single_process,weights,scaling")
     bench.add_argument("--balanced", default="bench_balanced",
-                       help="config for sync vs async, one where sampling and learning cost about the same")
+                       help="config for sync vs async and against one process, one where sampling and learning "
+                            "cost about the same")
     bench.add_argument("--weight-bytes", type=float, default=1.73e9,
                        help="size of the published state (default: the SD2 UNet in bf16, 1.73 GB)")
     bench.add_argument("--iterations", type=int, default=8, help="timed iterations per training run")

@@ -27,6 +27,7 @@ class ConfigError(ValueError):
 
 Fail = Callable[[str, str], NoReturn]  # fail(dotted key, message): raise a ConfigError naming both
 
+TASK_MOMENTS = ("shared", "per_task")  # algo.task_moments
 DEFAULT_BATCH_SIZE = 16  # algo.batch_size of a single-task config that does not set it
 
 
@@ -132,6 +133,18 @@ class TaskConfig:
     # the loss, so each task's step moves the weights about as far as any other's: this is how a
     # task gets a smaller say.
     lr_scale: float = 1.0
+    # [first, last]: the iterations (1-based, both included) this task trains in, its learning-rate
+    # schedule running over them; None: every iteration. Tasks in turn are a curriculum: a task that
+    # learns fast and hurts another's learning (fairness beside composition) can come after it.
+    iterations: Optional[list[int]] = None
+
+    def window(self, run_iterations: int) -> tuple[int, int]:
+        """[start, end): the 0-based iteration indices this task trains in."""
+        return (0, run_iterations) if self.iterations is None else (self.iterations[0] - 1, self.iterations[1])
+
+    def active(self, iteration: int, run_iterations: int) -> bool:
+        start, end = self.window(run_iterations)
+        return start <= iteration < end
 
 
 @dataclass
@@ -189,6 +202,11 @@ class AlgoConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     max_grad_norm: float = 1.0
+    # Multi-task runs: `shared`, one AdamW for every task's step (the paper's joint training), or
+    # `per_task`, AdamW moments of each task's own. Shared moments are sized by the task with the
+    # largest gradients, which then sets every other task's step too (the fairness task's gradients ran
+    # 2-10x the composition task's; README, "Tasks side by side and in turn", for what each gave).
+    task_moments: str = "shared"
     # A KL to the frozen reference (the base) policy, its weight: for the forward-process objectives
     # the matching form, the mean squared difference of the two outputs at the same x_t.
     kl_beta: float = 0.0
@@ -203,8 +221,9 @@ class AlgoConfig:
     # L_pre, the paper's regulariser: one step on beta * noise-prediction MSE after the RL steps,
     # on an image-caption Parquet set (columns `image`: encoded bytes, `caption`: text), or `shapes`:
     # ShapesWorld's own set of colour-naming captions, written to ~/.cache/rlds on first use.
-    # The step shares AdamW's moment estimates with the RL steps, so beta also sets how much of each
-    # update is RL's: where L_pre's gradients are larger than the policy gradient, a large beta slows RL.
+    # The step shares AdamW's moment estimates with the RL steps (the first task's, with per-task
+    # moments), so beta also sets how much of each update is RL's: where L_pre's gradients are larger
+    # than the policy gradient, a large beta slows RL.
     pretrain_beta: float = 0.0
     pretrain_data: Optional[str] = None
     pretrain_batch_size: int = 16
@@ -254,7 +273,9 @@ class Config:
     keep_checkpoints: Optional[int] = None  # the newest k are kept; None: all
     sample_grid_every: int = 5
     evaluate: bool = False  # after training, `rlds eval` the final checkpoint against the base (ShapesWorld)
-    torch_threads: int = 1  # per actor; several actors share the cores
+    # torch threads per actor; None: the CPUs the actor owns (its section's num_cpus, at least 1), so
+    # that actors which share a machine's cores by their Ray CPUs do not oversubscribe them
+    torch_threads: Optional[int] = None
     model: ModelConfig = field(default_factory=ModelConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)
@@ -442,11 +463,18 @@ def resolve(c: Config) -> Config:
     return dataclasses.replace(c, algo=dataclasses.replace(c.algo, batch_size=global_batch_size(c)))
 
 
+def actor_threads(c: Config, num_cpus: float) -> int:
+    """torch threads for an actor that owns `num_cpus` Ray CPUs (`torch_threads`)."""
+    return c.torch_threads or max(1, int(num_cpus))
+
+
 def check_config(c: Config, fail: Fail) -> None:
     """What the config can check by itself: counts, sizes that must divide, and the rules of tasks.
     Each part checks its own choices (rlds.configure)."""
     if c.iterations < 1:
         fail("iterations", "must be at least 1")
+    if c.torch_threads is not None and c.torch_threads < 1:
+        fail("torch_threads", "must be at least 1 (or null: the CPUs each actor owns)")
     a = c.algo
     if c.tasks:
         if c.rewards or any(getattr(c.prompts, k) for k in ("items", "file", "shapes")):
@@ -457,6 +485,16 @@ def check_config(c: Config, fail: Fail) -> None:
         for i, t in enumerate(c.tasks):
             if not t.name or t.name in names[:i]:
                 fail(f"tasks[{i}].name", f"each task needs a name of its own; got {names}")
+        for i, t in enumerate(c.tasks):
+            w = t.iterations
+            if w is not None and (len(w) != 2 or not 1 <= w[0] <= w[1] <= c.iterations):
+                fail(f"tasks[{i}].iterations", f"{w} is not [first, last] with 1 <= first <= last <= iterations "
+                     f"({c.iterations})")
+        idle = [it + 1 for it in range(c.iterations) if not any(t.active(it, c.iterations) for t in c.tasks)]
+        if idle:
+            fail("tasks", f"no task trains in iteration{'s' if len(idle) > 1 else ''} "
+                 f"{', '.join(map(str, idle[:5]))}{' ...' if len(idle) > 5 else ''}: give each one a task "
+                 "(tasks[].iterations)")
         total = sum(t.batch_size for t in c.tasks)
         if a.batch_size is not None and a.batch_size != total:
             fail("algo.batch_size", f"with tasks it is the sum of the tasks' batch sizes ({total}), not "
@@ -483,6 +521,8 @@ def check_config(c: Config, fail: Fail) -> None:
         fail("replay.capacity", f"must hold at least one batch (algo.batch_size = {batch})")
     if a.pretrain_beta < 0:
         fail("algo.pretrain_beta", "must be 0 (off) or more")
+    if a.task_moments not in TASK_MOMENTS:
+        fail("algo.task_moments", f"{a.task_moments!r} is not one of {', '.join(TASK_MOMENTS)}")
     if c.sampling.eta < 0:
         fail("sampling.eta", "must be 0 (deterministic DDIM) or more")
     w = c.sampling.stochastic_window

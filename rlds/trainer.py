@@ -20,7 +20,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from rlds.algo.advantages import PerPromptStatTracker, compute_advantages
 from rlds.checkpoint import complete_checkpoints, latest_checkpoint, read_checkpoint, save_checkpoint
-from rlds.config import Config, dump_config, task_list, validation_keys
+from rlds.config import Config, actor_threads, dump_config, task_list, validation_keys
 from rlds.data.prompts import prompt_list, prompt_source, validation_prompts
 from rlds.distributed.learner import LearnerGroup
 from rlds.distributed.protocol import TrainingBatch, UpdateResult, ValidationResult
@@ -105,8 +105,9 @@ class Trainer:
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         self.weights = WeightStore.options(scheduling_strategy=here).remote()
         self.store = ReplayStore.options(scheduling_strategy=here).remote(
-            [t.batch_size for t in self.tasks], capacity, c.replay.max_staleness, c.ray.actor_timeout_s)
-        self.pools = [[RewardPool(r, c.torch_threads) for r in t.rewards] for t in self.tasks]
+            [t.batch_size for t in self.tasks], capacity, c.replay.max_staleness, c.ray.actor_timeout_s,
+            [t.window(c.iterations) for t in self.tasks])
+        self.pools = [[RewardPool(r, actor_threads(c, r.num_cpus)) for r in t.rewards] for t in self.tasks]
         first_ids = np.cumsum([0] + [len(p) for p in self.prompts])
         self.sampler_tasks = [SamplerTask(t.name, p, t.images_per_prompt, pools, int(first), src)
                               for t, p, pools, first, src in zip(self.tasks, self.prompts, self.pools, first_ids,
@@ -272,6 +273,8 @@ class Trainer:
         stats["reward/std"] = float(np.std(rewards))
         for t, task in enumerate(self.tasks):
             parts = [p for p in batch.parts if p.task == t]
+            if not parts:  # outside the task's iterations
+                continue
             prefix = "reward/" if len(self.tasks) == 1 else f"reward/{task.name}/"
             if len(self.tasks) > 1:
                 stats[f"{prefix}mean"] = float(np.mean(rewards[task_ids == t]))
@@ -295,7 +298,7 @@ class Trainer:
         rewards = self._rewards(batch)
         offsets = np.cumsum([0] + [len(p) for p in batch.parts])
         images, captions = [], []
-        for t in range(len(self.tasks)):
+        for t in sorted(set(batch.tasks)):
             i = batch.tasks.index(t)  # the task's first sampler batch
             try:
                 traj = ray.get(batch.parts[i].trajectory)
@@ -445,14 +448,14 @@ class Trainer:
             self.store.new_version.remote(it + 1)  # samplers start on v+1 while we write metrics
             stats = result.stats
             wait_s = times["time/wait_batch_s"] - stats["time/update_s"]
-            samples += 0 if result.lost else c.algo.batch_size
+            samples += 0 if result.lost else len(batch)
             now = time.perf_counter()
             store = ray.get(self.store.stats.remote())
             row = {"iteration": it + 1, "samples": samples, **stats,
                    "policy_lag/max": max(batch.lags), "policy_lag/mean": float(np.mean(batch.lags)),
                    "time/iteration_s": now - last, "time/wait_batch_s": wait_s,
                    "time/learner_idle_ratio": wait_s / (now - last),
-                   "throughput/samples_per_s": c.algo.batch_size / (now - last),
+                   "throughput/samples_per_s": len(batch) / (now - last),
                    "replay/depth": store["depth"], "samples_generated": store["added"],
                    "restarts/sampler": self.restarts["sampler"], "restarts/learner": self.restarts["learner"],
                    "samplers/running": self._samplers_running(), "samplers/left": self.samplers_left}

@@ -20,11 +20,17 @@ def test_stage_and_weight_benchmarks(ray_local, tiny_config):
     assert weights["bytes"] == 4_000_000 and weights["zero_copy_s"] > 0 and weights["copy_s"] > 0
 
 
-def test_plain_process_runs_the_same_algorithm(tiny_config):
+def test_plain_process_runs_the_same_algorithm_on_every_core_and_times_its_stages(tiny_config):
     from rlds.bench import core
 
     out = core.plain_process(tiny_config(), iterations=1, warmup=0)
     assert np.isfinite(out["trajectories_per_s"]) and out["trajectories_per_s"] > 0
+    assert out["threads"] == core.machine_cores()
+    stages = out["stages_per_iteration_s"]
+    assert set(stages) == {"sample_s", "score_s", "update_s"} and all(v > 0 for v in stages.values())
+    # the stages are inside the iteration, so the bound is at least what the loop reached
+    assert sum(stages.values()) <= out["iteration_s"]
+    assert out["compute_bound_trajectories_per_s"] >= out["trajectories_per_s"]
 
 
 def test_bench_writes_json_and_plot(ray_local, tiny_config, tmp_path):

@@ -147,6 +147,19 @@ def test_tasks_make_the_batch_and_are_checked_one_by_one(tmp_path):
     assert task.batch_size == 8 and task.rewards[0].name == "brightness"
 
 
+def test_tasks_in_turn_take_windows_of_iterations_that_cover_the_run(tmp_path):
+    ten = write(tmp_path, TASKS + "iterations: 10\n")
+    c = load_config(ten, ("tasks[0].iterations=[1, 6]", "tasks[1].iterations=[7, 10]", "algo.task_moments=per_task"))
+    assert [t.window(10) for t in c.tasks] == [(0, 6), (6, 10)]
+    assert [t.active(5, 10) for t in c.tasks] == [True, False] and [t.active(6, 10) for t in c.tasks] == [False, True]
+    with pytest.raises(ConfigError, match=r"tasks\[1\]\.iterations: \[7, 12\] is not \[first, last\] .* \(10\)"):
+        load_config(ten, ("tasks[1].iterations=[7, 12]",))
+    with pytest.raises(ConfigError, match=r"tasks: no task trains in iterations 7, 8, 9, 10"):
+        load_config(ten, ("tasks[0].iterations=[1, 6]", "tasks[1].iterations=[1, 6]"))
+    with pytest.raises(ConfigError, match=r"algo\.task_moments: 'each' is not one of shared, per_task"):
+        load_config(write(tmp_path, TASKS), ("algo.task_moments=each",))
+
+
 def test_the_config_module_knows_nothing_of_the_project():
     import subprocess
     import sys
@@ -214,3 +227,15 @@ def test_validation_is_checked_against_the_tasks_it_scores(tmp_path):
     with pytest.raises(ConfigError, match=r"prompts: a ShapesWorld or generated set has its own validation split"):
         load_config(write(tmp_path, "prompts: {shapes: composition, validation_items: [a dog]}\n"
                                     "rewards: [{name: shapes_composition}]\n"))
+
+
+def test_an_actor_gets_a_thread_per_cpu_it_owns_unless_torch_threads_says(tmp_path):
+    from rlds.config import actor_threads
+
+    one = "model: {source: tiny}\nprompts: {items: [a]}\nrewards: [{name: brightness}]\n"
+    config = load_config(write(tmp_path, one))
+    assert [actor_threads(config, n) for n in (0.25, 1, 4)] == [1, 1, 4]
+    fixed = load_config(write(tmp_path, one + "torch_threads: 2\n"))
+    assert [actor_threads(fixed, n) for n in (0.25, 4)] == [2, 2]
+    with pytest.raises(ConfigError, match="torch_threads"):
+        load_config(write(tmp_path, "prompts: {items: [a]}\nrewards: [{name: brightness}]\ntorch_threads: 0\n"))

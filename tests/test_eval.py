@@ -26,7 +26,7 @@ def test_eval_writes_figures_and_report_for_base_and_checkpoint(tmp_path, monkey
         assert abs(comp["accuracy_se"] - (comp["accuracy"] * (1 - comp["accuracy"]) / 12) ** 0.5) < 1e-9
         assert 0 <= r["fairness"]["statistical_parity"] <= 1 and r["fairness"]["group_size"] == 2
         assert 0 <= r["fairness"]["training_prompts"]["statistical_parity"] <= 1
-        assert 0 <= r["quality"]["mean"] <= 1
+        assert 0 <= r["quality"]["mean"] <= 1 and 0 <= r["quality"]["named_colours"]["mean"] <= 1
     report = (tmp_path / "eval" / "report.md").read_text()
     assert "| composition accuracy ± s.e." in report and "composition_tuned.png" in report
     assert f"{results['base']['composition']['accuracy_se']:.1%} |" in report.split("| composition mean")[0]

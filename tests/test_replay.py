@@ -135,6 +135,37 @@ def test_tasks_fill_their_shares_and_batches_come_task_by_task(ray_local):
     assert ray.get(store.stats.remote())["consumed"] == 6
 
 
+def test_a_task_is_sampled_and_trained_only_in_its_iterations(ray_local):
+    """Task 0 trains in iterations 0-1, task 1 in 2-3 (tasks[].iterations), with max_staleness 1."""
+    ray = ray_local
+    from rlds.distributed.replay import ReplayStore, books
+
+    store = ReplayStore.remote(task_sizes=[2, 2], capacity=8, max_staleness=1, reward_timeout_s=30,
+                               windows=[(0, 2), (2, 4)])
+
+    def fill(version, task):
+        status, granted, _ = ray.get(store.reserve.remote("s", 2, version))
+        assert (status, granted) == ("ok", task)
+        add(ray, store, "s", version, {"r": ray.put(np.ones(2, np.float32))}, task=granted)
+
+    fill(0, 0)  # iteration 0
+    fill(0, 0)  # iteration 1, one version ahead
+    # task 1's first samples go to iteration 2: two versions ahead of weights 0, too stale for it
+    assert ray.get(store.reserve.remote("s", 2, 0))[:2] == ("wait", -1)
+    assert ray.get(store.get_batch.remote(0, 5.0)).tasks == [0]
+    fill(1, 1)  # iteration 2; task 0's window is full, so the reservation goes to task 1
+    assert ray.get(store.get_batch.remote(1, 5.0)).tasks == [0]
+    fill(2, 1)  # iteration 3
+    for version in (2, 3):
+        assert ray.get(store.get_batch.remote(version, 5.0)).tasks == [1]
+    assert ray.get(store.reserve.remote("s", 2, 4))[:2] == ("wait", -1)  # every window is full
+    assert books(ray.get(store.stats.remote()))["trained"] == 8
+    # a resumed run at iteration 3 has task 0 done and task 1 one batch in
+    store.restart_from.remote(3)
+    assert ray.get(store.reserve.remote("s", 2, 3))[:2] == ("ok", 1)
+    assert ray.get(store.reserve.remote("s", 2, 3))[:2] == ("wait", -1)
+
+
 def test_books_that_do_not_balance_say_by_how_much():
     from rlds.distributed.replay import DROP_REASONS, books
 

@@ -238,8 +238,10 @@ def test_published_weights_outlive_the_learner_that_put_them(ray_local):
 
 
 def test_joint_training_keeps_each_tasks_rewards_and_advantages_apart(ray_local, tiny_config, tmp_path):
-    """Two tasks: each iteration trains 4 of each, scored only by the task's own reward."""
+    """Two tasks: each iteration trains 4 of each, scored only by the task's own reward, each task's
+    step with AdamW moments of its own (algo.task_moments: per_task)."""
     import yaml
+    from safetensors import safe_open
 
     path = tmp_path / "joint.yaml"
     path.write_text(yaml.safe_dump({
@@ -249,8 +251,8 @@ def test_joint_training_keeps_each_tasks_rewards_and_advantages_apart(ray_local,
                   {"name": "varied", "prompts": {"items": ["a dog", "a cat"]},
                    "rewards": [{"name": "diversity", "num_cpus": 0.25}], "batch_size": 4,
                    "images_per_prompt": 4, "advantage": "batch", "lr_scale": 0.5}],
-        "sampler": {"num_cpus": 0.5}, "ray": {"num_cpus": 4}}))
-    config = tiny_config(f"run_dir={tmp_path / 'run'}", "iterations=3", path=str(path))
+        "algo": {"task_moments": "per_task"}, "sampler": {"num_cpus": 0.5}, "ray": {"num_cpus": 4}}))
+    config = tiny_config(f"run_dir={tmp_path / 'run'}", "iterations=3", "checkpoint_every=3", path=str(path))
     Trainer(config, progress=False).run()
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["samples"] for r in rows] == [8, 16, 24]
@@ -264,6 +266,44 @@ def test_joint_training_keeps_each_tasks_rewards_and_advantages_apart(ray_local,
     # what shows a run going wrong: ties within groups, spread, image statistics, per task
     assert all(0 <= r["reward/varied/zero_std_groups"] <= 1 and r["reward/bright/std"] >= 0 for r in rows)
     assert all(0 < r["images/bright/brightness"] < 1 and r["images/varied/contrast"] >= 0 for r in rows)
+    # two sets of moments, each stepped by its own task only (K = 2 steps a task and iteration; shared: 12)
+    with safe_open(str(tmp_path / "run" / "checkpoints" / "iter_000003" / "optimizer.safetensors"), "pt") as f:
+        steps = {key.split("/")[0]: f.get_tensor(key).item() for key in f.keys() if key.endswith(".step")}
+    assert steps == {"0": 6.0, "1": 6.0}
+
+
+def test_tasks_in_turn_train_only_in_their_iterations_each_on_its_own_schedule(ray_local, tiny_config, tmp_path):
+    """A curriculum: `bright` in iterations 1-2, then `varied` in 3-4, each with its own AdamW moments
+    and its linear learning-rate schedule running over its own iterations."""
+    import json as _json
+
+    import yaml
+
+    path = tmp_path / "turns.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": {"source": "tiny"}, "sampling": {"num_steps": 6},
+        "tasks": [{"name": "bright", "prompts": {"items": ["a red circle"]}, "iterations": [1, 2],
+                   "rewards": [{"name": "brightness", "num_cpus": 0.25}], "batch_size": 4},
+                  {"name": "varied", "prompts": {"items": ["a dog", "a cat"]}, "iterations": [3, 4],
+                   "rewards": [{"name": "diversity", "num_cpus": 0.25}], "batch_size": 4,
+                   "images_per_prompt": 4, "advantage": "batch", "lr_scale": 0.5}],
+        "algo": {"task_moments": "per_task", "lr_schedule": "linear", "learning_rate": 1.0e-4},
+        "replay": {"max_staleness": 1}, "sampler": {"num_cpus": 0.5}, "ray": {"num_cpus": 4}}))
+    config = tiny_config(f"run_dir={tmp_path / 'run'}", "iterations=4", "checkpoint_every=4", path=str(path))
+    Trainer(config, progress=False).run()
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["samples"] for r in rows] == [4, 8, 12, 16]
+    trained = [("reward/bright/mean" in r, "reward/varied/mean" in r) for r in rows]
+    assert trained == [(True, False)] * 2 + [(False, True)] * 2
+    assert [r.get("lr/bright") for r in rows[:2]] == pytest.approx([1e-4, 0.5e-4])
+    assert [r.get("lr/varied") for r in rows[2:]] == pytest.approx([0.5e-4, 0.25e-4])  # its schedule starts afresh
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "run" / "checkpoints" / "iter_000004" / "optimizer.safetensors"), "pt") as f:
+        steps = {key.split("/")[0]: f.get_tensor(key).item() for key in f.keys() if key.endswith(".step")}
+    assert steps == {"0": 4.0, "1": 4.0}  # K = 2 steps in each of a task's two iterations
+    accounting = _json.loads((tmp_path / "run" / "accounting.json").read_text())
+    assert accounting["balanced"] and accounting["trained"] == 16
 
 
 @pytest.mark.parametrize("objective", ["nft", "awm"])

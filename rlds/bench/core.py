@@ -1,5 +1,5 @@
-"""CPU benchmarks of rlds itself: each stage alone, the whole pipeline, sync against async, Ray's
-overhead against one plain process, and weight publication. Every figure comes from the code that
+"""CPU benchmarks of rlds itself: each stage alone, the whole pipeline, sync against async, rlds
+against one plain process that uses every core, and weight publication. Every figure comes from the code that
 trains (the same actors, the same update), timed after a warm-up.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from rlds.config import Config, task_list
+from rlds.config import Config, actor_threads, task_list
 from rlds.configure import with_changes
 from rlds.data.prompts import prompt_list
 from rlds.distributed.protocol import ScoredBatch, TrainingBatch
@@ -54,7 +54,7 @@ def reward_stage(config: Config, calls_per_actor: int = 8) -> dict:
 
     from rlds.policy import load_policy, sample_trajectories
 
-    torch.set_num_threads(config.torch_threads)
+    torch.set_num_threads(actor_threads(config, config.sampler.num_cpus))  # sampling the images to score
     policy, per, out = load_policy(config.model), config.sampler.batch_size, {}
     for task in task_list(config):
         prompts, g = prompt_list(task), task.images_per_prompt
@@ -70,7 +70,7 @@ def _score_stage(task, traj, groups: np.ndarray, calls_per_actor: int, config: C
     per, out = len(traj.prompts), {}
     images = ray.put(traj.images)
     for rc in task.rewards:
-        pool = RewardPool(rc, config.torch_threads)
+        pool = RewardPool(rc, actor_threads(config, rc.num_cpus))
         ray.get([pool.score(images, traj.prompts, groups, k) for k in range(len(pool.actors))])  # warm-up
         calls, took = calls_per_actor * len(pool.actors), {}
         with timer("s", took):
@@ -89,7 +89,7 @@ def learner_stage(config: Config, updates: int = 3) -> dict:
     from rlds.distributed.weights import WeightStore
     from rlds.policy import load_policy, sample_trajectories
 
-    torch.set_num_threads(config.torch_threads)
+    torch.set_num_threads(actor_threads(config, config.sampler.num_cpus))  # sampling the batches to train
     policy = load_policy(config.model)
     per, total = config.sampler.batch_size, config.algo.batch_size
     prompts = prompt_list(task_list(config)[0])
@@ -128,15 +128,19 @@ def end_to_end(config: Config, iterations: int = 8, warmup: int = 2) -> dict:
             "reward_first": rows[0]["reward/mean"], "reward_last": rows[-1]["reward/mean"]}
 
 
-def plain_process(config: Config, iterations: int = 8, warmup: int = 2) -> dict:
-    """The same algorithm with no Ray: sample, score, normalise, update, in one process."""
+def plain_process(config: Config, iterations: int = 8, warmup: int = 2, threads: int | None = None) -> dict:
+    """The same algorithm with no Ray, as a user's own script runs it: sample, score, normalise and
+    update in one process, with every core (`threads`, default all of them) on each stage in turn.
+    Each stage's own time is kept: their sum per trajectory is the compute bound of this algorithm
+    on this machine, what a loop that wasted nothing between its stages would reach."""
     import torch
 
     from rlds.algo import compute_advantages, make_optimizer, ppo_update
     from rlds.policy import load_policy, sample_trajectories
     from rlds.rewards import build_reward
 
-    torch.set_num_threads(config.torch_threads)
+    threads = threads or machine_cores()
+    torch.set_num_threads(threads)
     policy = load_policy(config.model)
     opt = make_optimizer([p for p in policy.unet.parameters() if p.requires_grad], config.algo)
     task = task_list(config)[0]
@@ -146,18 +150,48 @@ def plain_process(config: Config, iterations: int = 8, warmup: int = 2) -> dict:
     rng = np.random.default_rng(config.seed)
     times: dict = {}
     for it in range(iterations + warmup):
+        stage: dict = {}
         with timer("s" if it >= warmup else "warmup_s", times):
             trajs, scores = [], []
             for _ in range(total // per):
                 chosen = [prompts[i] for i in rng.integers(len(prompts), size=per)]
-                traj = sample_trajectories(policy, chosen, config.sampling, seeds=rng.integers(2**62, size=per))
+                with timer("sample_s", stage):
+                    traj = sample_trajectories(policy, chosen, config.sampling, seeds=rng.integers(2**62, size=per))
                 trajs.append(traj)
-                scores.append(sum(w * f(traj.images, chosen, np.arange(per)) for f, w in rewards))
-            adv = compute_advantages(np.concatenate(scores), config.algo.advantage, config.algo.advantage_clip,
-                                     np.zeros(total, np.int64), np.arange(total))
-            policy.scheduler.set_timesteps(config.sampling.num_steps)
-            ppo_update(policy, trajs, np.split(adv, len(trajs)), opt, config.algo, rng)
-    return {"trajectories_per_s": total * iterations / times["s"], "iteration_s": times["s"] / iterations}
+                with timer("score_s", stage):
+                    scores.append(sum(w * f(traj.images, chosen, np.arange(per)) for f, w in rewards))
+            with timer("update_s", stage):
+                adv = compute_advantages(np.concatenate(scores), config.algo.advantage, config.algo.advantage_clip,
+                                         np.zeros(total, np.int64), np.arange(total))
+                policy.scheduler.set_timesteps(config.sampling.num_steps)
+                ppo_update(policy, trajs, np.split(adv, len(trajs)), opt, config.algo, rng)
+        if it >= warmup:
+            for key, value in stage.items():
+                times[key] = times.get(key, 0.0) + value
+    stages = {key: times[key] / iterations for key in ("sample_s", "score_s", "update_s")}
+    return {"trajectories_per_s": total * iterations / times["s"], "iteration_s": times["s"] / iterations,
+            "threads": threads, "stages_per_iteration_s": stages,
+            "compute_bound_trajectories_per_s": total / sum(stages.values())}
+
+
+def machine_cores() -> int:
+    """The cores this process may run on (its affinity), which a container can set below os.cpu_count()."""
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def single_process(config: Config, iterations: int = 8) -> dict:
+    """rlds against one plain process on the same work and the same machine: the plain loop with
+    every core, then rlds as the config sets it up, synchronous (`replay.max_staleness: 0`) and
+    asynchronous (1)."""
+    plain = plain_process(config, iterations)
+    sync = end_to_end(with_changes(config, {"replay.max_staleness": 0}), iterations)
+    async_ = end_to_end(with_changes(config, {"replay.max_staleness": 1}), iterations)
+    rate = plain["trajectories_per_s"]
+    return {"plain": plain, "sync": sync, "async": async_, "sync_over_plain": sync["trajectories_per_s"] / rate,
+            "async_over_plain": async_["trajectories_per_s"] / rate,
+            "async_over_compute_bound": async_["trajectories_per_s"] / plain["compute_bound_trajectories_per_s"]}
 
 
 @ray.remote(num_cpus=0)

@@ -20,7 +20,7 @@ import ray
 from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from rlds.config import Config, task_list
+from rlds.config import Config, actor_threads, task_list
 from rlds.distributed.protocol import LearnerShard, TrainingBatch, UpdateResult
 from rlds.stats import reduce_metrics, timer
 
@@ -31,7 +31,7 @@ class LearnerActor:
         import torch
         from ray.util import metrics
 
-        torch.set_num_threads(config.torch_threads)
+        torch.set_num_threads(actor_threads(config, config.learner.num_cpus))
         self.rank, self.world_size, self.config = rank, world_size, config
         self.start_iteration = start_iteration  # where the L_pre stream continues (resumed or rebuilt)
         self.weight_store = weight_store
@@ -69,10 +69,11 @@ class LearnerActor:
         # and cheap at this size) and would say so on every rank's first backward, in the user's terminal.
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         self.params = [p for p in self.policy.unet.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(self.params, self.config.algo)
+        self.tasks = task_list(self.config)
+        self.task_names = [t.name for t in self.tasks]
+        moments = len(self.task_names) if self.config.algo.task_moments == "per_task" else 1
+        self.optimizers = [make_optimizer(self.params, self.config.algo) for _ in range(moments)]
         self.objective = objective_class(self.config.algo.objective)(self.policy.unet, self.config.algo)
-        self.task_names = [t.name for t in task_list(self.config)]
-        self.lr_scales = [t.lr_scale for t in task_list(self.config)]
         algo = self.config.algo
         self.pretrain_batches = None
         if algo.pretrain_beta > 0:
@@ -89,7 +90,7 @@ class LearnerActor:
         from rlds.checkpoint import load_optimizer_bytes, load_trainable_bytes
 
         load_trainable_bytes(self.policy.unet, trainable)
-        load_optimizer_bytes(self.optimizer, optimizer)
+        load_optimizer_bytes(self.optimizers, optimizer)
 
     def load_weights(self, flat: np.ndarray) -> None:
         """The published weights (a copy: this rank trains them in place)."""
@@ -100,7 +101,7 @@ class LearnerActor:
     def state(self) -> tuple[bytes, bytes]:
         from rlds.checkpoint import optimizer_bytes, trainable_bytes
 
-        return trainable_bytes(self.policy.unet), optimizer_bytes(self.optimizer)
+        return trainable_bytes(self.policy.unet), optimizer_bytes(self.optimizers)
 
     def publish(self, version: int) -> float:
         from rlds.policy import flatten_trainable
@@ -128,33 +129,43 @@ class LearnerActor:
             if lost.item():
                 return UpdateResult(lost=True)
             cfg, iteration = self.config.algo, shard.iteration
-            lr = cfg.learning_rate * lr_factor(cfg.lr_schedule, iteration, self.config.iterations,
-                                               cfg.warmup_iterations)
+
+            def task_lr(task: int) -> float:  # the schedule runs over the task's own iterations
+                start, end = self.tasks[task].window(self.config.iterations)
+                return (cfg.learning_rate * self.tasks[task].lr_scale
+                        * lr_factor(cfg.lr_schedule, iteration - start, end - start, cfg.warmup_iterations))
+
             rng = np.random.default_rng([self.config.seed, iteration, self.rank])
             train_policy = replace(self.policy, unet=self.ddp)
             per_task, own = [], {}
             for task in sorted(set(shard.tasks)):  # the paper's joint training: each task's steps in turn
                 mine = [i for i, t in enumerate(shard.tasks) if t == task]
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr * self.lr_scales[task]
+                optimizer = self.optimizers[task % len(self.optimizers)]
+                for group in optimizer.param_groups:
+                    group["lr"] = task_lr(task)
                 per_task.append(self.objective.update(train_policy, [trajectories[i] for i in mine],
-                                                      [shard.advantages[i] for i in mine], self.optimizer, rng,
+                                                      [shard.advantages[i] for i in mine], optimizer, rng,
                                                       no_sync=self.ddp.no_sync, dtype=self.dtype))
                 if len(self.task_names) > 1:  # which task moves the weights most
                     own.update({f"{key}/{self.task_names[task]}": per_task[-1][key] for key in ("loss", "grad_norm")})
-                    own[f"lr/{self.task_names[task]}"] = lr * self.lr_scales[task]
+                    own[f"lr/{self.task_names[task]}"] = task_lr(task)
             stats = {**reduce_metrics(per_task), **own}
-            for group in self.optimizer.param_groups:
+            # L_pre steps with the first task's moments (AlgoConfig), at the iteration's first task's
+            # schedule without its lr_scale
+            first = min(shard.tasks)
+            lr = task_lr(first) / self.tasks[first].lr_scale
+            optimizer = self.optimizers[0]
+            for group in optimizer.param_groups:
                 group["lr"] = lr
             if self.pretrain_batches is not None:  # L_pre, its own step after the RL steps
                 from rlds.algo.regularizers import pretrain_step
 
                 images, captions = next(self.pretrain_batches)
                 generator = torch.Generator(self.device).manual_seed(int(rng.integers(2**62)))  # noise, timesteps
-                stats.update(pretrain_step(train_policy, self.optimizer, images, captions, cfg.pretrain_beta,
+                stats.update(pretrain_step(train_policy, optimizer, images, captions, cfg.pretrain_beta,
                                            cfg.max_grad_norm, generator))
             stats.update(self.objective.end_iteration(self.policy.unet))
-            stats["lr"] = self.optimizer.param_groups[0]["lr"]
+            stats["lr"] = lr
             if self.rank == 0:
                 stats["time/publish_s"] = self.publish(iteration + 1)
         stats.update(times)

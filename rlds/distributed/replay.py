@@ -5,9 +5,10 @@ store has room (backpressure) and the batch will be trained while the sampler's 
 `max_staleness` versions old. With `max_staleness: 0` this is the paper's synchronous loop: the
 samplers fill exactly one batch with the current weights, then wait for the next version.
 
-A batch holds a fixed number of trajectories of each task (`task_sizes`; one task for most runs). A
-reservation is for one task: the one furthest behind its share that still has room, which the store
-names in its answer, so samplers serve every task without being assigned one.
+A batch holds a fixed number of trajectories of each task that trains in its iteration (`task_sizes`,
+`windows`; one task for most runs). A reservation is for one task: the one furthest behind its share
+that still has room, which the store names in its answer, so samplers serve every task without being
+assigned one.
 """
 from __future__ import annotations
 
@@ -29,12 +30,17 @@ DROP_REASONS = ("stale", "reward_failed", "reward_timeout", "nan_reward", "sampl
 
 @ray.remote(num_cpus=0)
 class ReplayStore:
-    def __init__(self, task_sizes: list[int], capacity: int, max_staleness: int, reward_timeout_s: float):
+    def __init__(self, task_sizes: list[int], capacity: int, max_staleness: int, reward_timeout_s: float,
+                 windows: Optional[list[tuple[int, int]]] = None):
         from ray.util import metrics
 
-        self.sizes, self.batch_size = list(task_sizes), sum(task_sizes)
+        self.sizes = list(task_sizes)
+        # each task's [start, end) iterations; its k-th sample is trained in iteration start + k // size
+        self.windows = windows or [(0, 2**62)] * len(self.sizes)
+        self.iteration = 0  # the batch handed out next
+        self.last_batch_size = 0
         # each task's room is its share of the capacity
-        self.capacities = [max(n, capacity * n // self.batch_size) for n in self.sizes]
+        self.capacities = [max(n, capacity * n // sum(self.sizes)) for n in self.sizes]
         self.max_staleness, self.reward_timeout_s = max_staleness, reward_timeout_s
         self.learner_version = 0
         # samples made before the newest learner recovery came from weights that no longer exist
@@ -97,10 +103,11 @@ class ReplayStore:
             in_flight = self.in_flight(task)
             if in_flight + n > self.capacities[task]:
                 continue
-            trained_at = (self.consumed[task] + in_flight) // size  # the iteration that takes it
-            if trained_at - version > self.max_staleness or version < self.oldest_version:
+            start, end = self.windows[task]
+            trained_at = start + (self.consumed[task] + in_flight) // size  # the iteration that takes it
+            if trained_at >= end or trained_at - version > self.max_staleness or version < self.oldest_version:
                 continue
-            progress = (self.consumed[task] + in_flight) / size
+            progress = start + (self.consumed[task] + in_flight) / size
             if best_progress is None or progress < best_progress:
                 best, best_progress = task, progress
         if best < 0:
@@ -185,14 +192,15 @@ class ReplayStore:
     def batch_failed(self) -> None:
         """The batch last handed out died with the learner group: counted, not trained, not refilled
         (the iteration is spent)."""
-        self.failed += self.batch_size
-        self._drop("learner_failed", self.batch_size)
+        self.failed += self.last_batch_size
+        self._drop("learner_failed", self.last_batch_size)
 
     async def batch_lost(self) -> None:
         """A handed-out batch could not be trained (its sampler died): count it, and refill it."""
-        for task, size in enumerate(self.sizes):
+        self.iteration -= 1
+        for task, size in enumerate(self.sizes_at(self.iteration)):
             self.consumed[task] -= size
-        self._drop("lost_in_flight", self.batch_size)
+        self._drop("lost_in_flight", self.last_batch_size)
         async with self.changed:
             self.changed.notify_all()
 
@@ -207,10 +215,11 @@ class ReplayStore:
         self.learner_version = learner_version
         deadline = time.monotonic() + timeout_s
         async with self.changed:
+            sizes = self.sizes_at(self.iteration)
             while True:
                 self._drop_stale()
                 if all(sum(len(e) for e in self.ready if e.task == task) >= size
-                       for task, size in enumerate(self.sizes)):
+                       for task, size in enumerate(sizes)):
                     break
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -221,7 +230,7 @@ class ReplayStore:
                     return None
             self.ready.sort(key=lambda e: (e.task, e.version, e.created))  # task by task, oldest first
             batch = []
-            for task, size in enumerate(self.sizes):
+            for task, size in enumerate(sizes):
                 taken = 0
                 while taken < size:
                     entry = next(e for e in self.ready if e.task == task)
@@ -229,6 +238,8 @@ class ReplayStore:
                     batch.append(entry)
                     taken += len(entry)
                 self.consumed[task] += taken
+            self.iteration += 1
+            self.last_batch_size = sum(sizes)
             training = TrainingBatch(batch, learner_version)
             for lag in training.lags:
                 self.lag_hist.observe(lag)
@@ -267,10 +278,15 @@ class ReplayStore:
         async with self.changed:
             self.changed.notify_all()
 
+    def sizes_at(self, iteration: int) -> list[int]:
+        """Each task's trajectories in the batch of `iteration` (0 outside its window)."""
+        return [size if start <= iteration < end else 0 for size, (start, end) in zip(self.sizes, self.windows)]
+
     def restart_from(self, iteration: int) -> None:
         """Continue the version/position count of a resumed run."""
-        self.learner_version = iteration
-        self.consumed = [iteration * size for size in self.sizes]
+        self.learner_version = self.iteration = iteration
+        self.consumed = [size * min(max(iteration - start, 0), end - start)
+                         for size, (start, end) in zip(self.sizes, self.windows)]
         self.trained_before = sum(self.consumed)
 
 

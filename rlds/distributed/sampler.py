@@ -15,7 +15,7 @@ from typing import Optional
 import numpy as np
 import ray
 
-from rlds.config import Config
+from rlds.config import Config, actor_threads
 from rlds.data.sources import FileSource, GeneratedSource, PromptShard, prompt_id
 from rlds.distributed.protocol import SampledBatch
 from rlds.stats import image_stats, timer
@@ -164,7 +164,7 @@ class SamplerActor(SamplerLoop):
         from rlds.policy import load_policy
         from rlds.policy.pipeline import DTYPES
 
-        torch.set_num_threads(config.torch_threads)
+        torch.set_num_threads(actor_threads(config, config.sampler.num_cpus))
         super().__init__(index, config, tasks, store, weight_store, start_iteration, incarnation, positions)
         if device == "cpu" and ray.get_gpu_ids():
             device = "cuda"

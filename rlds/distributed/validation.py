@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import ray
 
-from rlds.config import Config, validation_prefix
+from rlds.config import Config, actor_threads, validation_prefix
 from rlds.distributed.protocol import ValidationResult
 
 
@@ -39,7 +39,7 @@ class Validator:
 
         from rlds.policy import load_policy
 
-        torch.set_num_threads(config.torch_threads)
+        torch.set_num_threads(actor_threads(config, config.validation.num_cpus))
         if device == "cpu" and ray.get_gpu_ids():
             device = "cuda"
         self.config, self.tasks = config, tasks
