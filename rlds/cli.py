@@ -219,12 +219,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmarks on this machine (CPU) with CONFIG's actors: each stage alone, the pipeline "
                     "end to end and its efficiency, async over sync, rlds (sync and async) against one plain "
                     "process that uses every core, weight publication against a memcpy, and a simulated "
-                    "cluster from 1 to 16 samplers. Writes bench.json and bench.png to --out (CONFIG default: tiny). The GPU benchmark is `python -m rlds.bench.gpu`.")
+                    "cluster from 1 to 16 samplers; on request (compute) what a trajectory costs in float32, "
+                    "bfloat16, channels-last and compiled, with the compile time. Writes bench.json and bench.png "
+                    "to --out (CONFIG default: tiny). "
+                    "The GPU benchmark is `python -m rlds.bench.gpu`.")
     bench.add_argument("args", nargs="*", metavar="CONFIG | key=value")
     bench.add_argument("--out", default="bench", help="output folder (default: bench/)")
     bench.add_argument("--parts", default=",".join(["stages", "end_to_end", "sync_async", "single_process",
                                                      "weights", "scaling"]),
-                       help="comma-separated subset of: stages,end_to_end,sync_async,single_process,weights,scaling")
+                       help="comma-separated subset of: stages,end_to_end,sync_async,single_process,compute,weights,"
+                            "scaling (default: all but compute, whose compiling takes minutes)")
     bench.add_argument("--balanced", default="bench_balanced",
                        help="config for sync vs async and against one process, one where sampling and learning "
                             "cost about the same")

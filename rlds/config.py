@@ -58,7 +58,7 @@ class ModelConfig:
     source: str = "tiny"
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     revision: Optional[str] = None
-    dtype: str = "float32"  # rlds.policy.pipeline.DTYPES: float32 | bfloat16 | float16 (GPU compute)
+    dtype: str = "float32"  # rlds.policy.pipeline.DTYPES: float32 | bfloat16 | float16 (compute, autocast)
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 

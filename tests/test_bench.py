@@ -33,6 +33,20 @@ def test_plain_process_runs_the_same_algorithm_on_every_core_and_times_its_stage
     assert out["compute_bound_trajectories_per_s"] >= out["trajectories_per_s"]
 
 
+def test_compute_options_time_each_way_of_computing_and_check_the_ratio_to_the_bit(tiny_config):
+    from rlds.bench.compute import compute_options
+
+    out = compute_options(tiny_config(), ("float32", "bfloat16", "channels_last"), repeats=1)
+    assert out["objective"] == "ppo" and out["threads"] == 1  # the sampler's 0.5 CPUs: one thread
+    for name, figures in out["options"].items():
+        assert figures["sample_trajectories_per_s"] > 0 and figures["update_trajectories_per_s"] > 0, name
+        assert figures["to_the_bit"] is True, name  # each keeps the sampler and the learner in step
+        assert figures["speedup_over_float32"] > 0
+    assert out["options"]["float32"]["speedup_over_float32"] == 1.0
+    with pytest.raises(ValueError, match=r"unknown compute option\(s\) \['fp8'\]"):
+        compute_options(tiny_config(), ("fp8",))
+
+
 def test_bench_writes_json_and_plot(ray_local, tiny_config, tmp_path):
     from rlds.bench import run_bench
 

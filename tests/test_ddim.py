@@ -81,6 +81,19 @@ def test_a_chain_does_not_depend_on_its_batch_beyond_float32_rounding():
     assert np.abs(other_seed - alone).max() > 1e3 * rounding
 
 
+def test_under_bfloat16_autocast_on_a_cpu_the_learner_still_recomputes_the_samplers_log_probs_to_the_bit():
+    """model.dtype: bfloat16 runs the samplers and learners under autocast on a CPU too; the chain
+    then differs from float32's (it is another computation), and the learner's recomputation does not."""
+    policy = load_policy(ModelConfig())
+    prompts, sampling = ["a red circle", "a blue square", "a cat"], SamplingConfig(num_steps=3, guidance_scale=3.0)
+    bf16 = sample_trajectories(policy, prompts, sampling, seeds=[0, 1, 2], dtype=torch.bfloat16)
+    fp32 = sample_trajectories(policy, prompts, sampling, seeds=[0, 1, 2])
+    assert not np.array_equal(bf16.latents, fp32.latents)
+    for step in range(3):
+        assert torch.equal(step_log_prob(policy, bf16, step, torch.bfloat16).detach(),
+                           torch.from_numpy(bf16.log_probs[:, step]))
+
+
 def test_first_ratio_is_exactly_one_and_positive_advantage_raises_logprob():
     torch.manual_seed(0)
     policy = load_policy(ModelConfig())

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rlds.config import Config
 
-PARTS = ("stages", "end_to_end", "sync_async", "single_process", "weights", "scaling")
+PARTS = ("stages", "end_to_end", "sync_async", "single_process", "compute", "weights", "scaling")
 
 
 def run_bench(config: Config, parts: tuple[str, ...], out: Path, balanced: Config | None = None,
@@ -47,6 +47,10 @@ def run_bench(config: Config, parts: tuple[str, ...], out: Path, balanced: Confi
             elif part == "single_process":
                 results["single_process"] = {"config": (balanced or config).name,
                                              **core.single_process(balanced or config, iterations)}
+            elif part == "compute":
+                from rlds.bench.compute import compute_options
+
+                results["compute"] = {"config": config.name, **compute_options(config)}
             elif part == "weights":
                 results["weights"] = {"full_unet": core.weight_publication(weight_bytes),
                                       "lora": core.weight_publication(lora_bytes)}
@@ -90,6 +94,10 @@ def _summarise(r: dict) -> None:
         s["sync_over_single_process"] = sp["sync_over_plain"]  # targets: 0.95 and 1.5 on 2 cores
         s["async_over_single_process"] = sp["async_over_plain"]
         s["single_process_compute_bound_trajectories_per_s"] = sp["plain"]["compute_bound_trajectories_per_s"]
+    if "compute" in r:
+        for name, figures in r["compute"]["options"].items():
+            if "speedup_over_float32" in figures:
+                s[f"compute_{name}_over_float32"] = figures["speedup_over_float32"]
     if "weights" in r:
         s["weights_4_samplers_over_memcpy"] = r["weights"]["full_unet"]["zero_copy_over_memcpy"]
     if "scaling" in r and r["scaling"].get("trials"):

@@ -48,7 +48,6 @@ class LearnerActor:
         return ray.util.get_node_ip_address(), port
 
     def setup(self, master: tuple[str, int], backend: str | None) -> int:
-        import torch
         import torch.distributed as dist
         from torch.nn.parallel import DistributedDataParallel
 
@@ -61,7 +60,7 @@ class LearnerActor:
         dist.init_process_group(backend, init_method=f"tcp://{master[0]}:{master[1]}",
                                 rank=self.rank, world_size=self.world_size, timeout=timedelta(minutes=10))
         self.policy = load_policy(self.config.model, self.device)
-        self.dtype = DTYPES[self.config.model.dtype] if self.device != "cpu" else torch.float32
+        self.dtype = DTYPES[self.config.model.dtype]
         self.policy.scheduler.set_timesteps(self.config.sampling.num_steps)
         # DDP broadcasts rank 0's weights at construction, so every rank starts identical.
         self.ddp = DistributedDataParallel(self.policy.unet)

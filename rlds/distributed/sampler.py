@@ -169,7 +169,7 @@ class SamplerActor(SamplerLoop):
         if device == "cpu" and ray.get_gpu_ids():
             device = "cuda"
         self.policy = load_policy(config.model, device)
-        self.dtype = DTYPES[config.model.dtype] if device != "cpu" else torch.float32
+        self.dtype = DTYPES[config.model.dtype]
         # only what the objective trains on goes into the object store
         self.keep_chain = objective_class(config.algo.objective).needs_chain
 

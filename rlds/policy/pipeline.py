@@ -20,7 +20,8 @@ from rlds.config import LoraConfig, ModelConfig
 from rlds.hf import no_progress_bars
 from rlds.policy.builder import Policy, build_policy, tiny_architecture
 
-# model.dtype: the compute dtype on a GPU (autocast) and the frozen parts' weights; CPU runs float32
+# model.dtype: the samplers' and learners' compute dtype (autocast, on a GPU or a CPU: bfloat16 pays on
+# CPUs with bf16 matrix units, which `rlds bench --parts compute` measures) and the frozen parts' weights
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
