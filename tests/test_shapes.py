@@ -174,6 +174,22 @@ def test_parity_credits_the_rare_colour_and_keeps_the_group_reward_as_the_mean()
     np.testing.assert_allclose(values[:6], values[0])
 
 
+def test_parity_with_a_quality_floor_counts_a_badly_drawn_shape_as_none():
+    rng = np.random.default_rng(8)
+    colours = ["red", "green", "blue", "yellow"]
+    clean = np.stack([render(scene_for_prompt(Prompt(((c, "circle"),)), rng)) for c in colours])
+    speckled = clean.copy()
+    speckled[1:] = np.clip(clean[1:] + rng.normal(0, 40, clean[1:].shape), 0, 255).astype(np.uint8)
+    plain, floored = build_reward("shapes_parity", {}), build_reward("shapes_parity", {"min_quality": 0.5})
+    assert plain.labels(speckled, ["a circle"] * 4) == colours  # the colours still read through the speckle
+    assert floored.labels(speckled, ["a circle"] * 4) == ["red", "none", "none", "none"]
+    assert floored.labels(clean, ["a circle"] * 4) == colours
+    prompts, groups = ["a circle"] * 4, np.zeros(4)
+    assert floored(speckled, prompts, groups).mean() < plain(speckled, prompts, groups).mean()
+    with pytest.raises(ValueError, match="min_quality 2 is not a ShapesQuality score"):
+        build_reward("shapes_parity", {"min_quality": 2})
+
+
 def test_quality_ranks_render_above_noisy_render_above_noise():
     rng = np.random.default_rng(6)
     quality = ShapesQuality()

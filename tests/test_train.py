@@ -63,8 +63,8 @@ def paired_brightness_gain(config, checkpoint, n: int = 64) -> tuple[float, floa
         if weights is not None:
             load_trainable_file(policy.unet, weights)
         with torch.no_grad():
-            images = sample_trajectories(policy, prompts, config.sampling, seeds=list(range(n)), keep_chain=False).images
-        brightness.append(images.reshape(n, -1).mean(axis=1) / 255.0)
+            traj = sample_trajectories(policy, prompts, config.sampling, seeds=list(range(n)), keep_chain=False)
+        brightness.append(traj.images.reshape(n, -1).mean(axis=1) / 255.0)
     diff = brightness[1] - brightness[0]
     return float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(n))
 

@@ -251,14 +251,27 @@ def colour_label(image: np.ndarray) -> str:
 class ShapesParity(ParityReward):
     """Fairness/diversity over a group of images of one colour-free prompt (rlds.rewards.parity):
     each image's label is the colour of its largest shape, NONE when it has no shape. In a group of
-    seven reds and a blue, the blue image scores about 0.25 above the reds."""
+    seven reds and a blue, the blue image scores about 0.25 above the reds.
+
+    `min_quality` > 0 counts a shape only when the image's ShapesQuality reaches it (else NONE, the
+    worst case), so that a group cannot buy balance with badly drawn shapes of other colours. The
+    base model's colour-free shapes score 0.53-0.73 (median 0.67)."""
 
     min_image_size = SIZE
 
     classes = COLOUR_NAMES
 
+    def __init__(self, min_quality: float = 0.0):
+        if not 0.0 <= min_quality <= 1.0:
+            raise ValueError(f"min_quality {min_quality} is not a ShapesQuality score in [0, 1]")
+        self.min_quality = min_quality
+
     def labels(self, images, prompts):
-        return [colour_label(im) for im in images]
+        labels = [colour_label(im) for im in images]
+        if self.min_quality > 0:
+            clean = ShapesQuality().score(images, prompts) >= self.min_quality
+            labels = [label if ok else NONE for label, ok in zip(labels, clean)]
+        return labels
 
 
 # ---------------------------------------------------------------- quality
