@@ -264,12 +264,12 @@ class ShapesParity(ParityReward):
     def __init__(self, min_quality: float = 0.0):
         if not 0.0 <= min_quality <= 1.0:
             raise ValueError(f"min_quality {min_quality} is not a ShapesQuality score in [0, 1]")
-        self.min_quality = min_quality
+        self.min_quality, self.quality = min_quality, ShapesQuality()
 
     def labels(self, images, prompts):
         labels = [colour_label(im) for im in images]
         if self.min_quality > 0:
-            clean = ShapesQuality().score(images, prompts) >= self.min_quality
+            clean = self.quality.score(images, prompts) >= self.min_quality
             labels = [label if ok else NONE for label, ok in zip(labels, clean)]
         return labels
 
