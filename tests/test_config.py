@@ -230,12 +230,22 @@ def test_validation_is_checked_against_the_tasks_it_scores(tmp_path):
 
 
 def test_an_actor_gets_a_thread_per_cpu_it_owns_unless_torch_threads_says(tmp_path):
-    from rlds.config import actor_threads
+    from rlds.config import actor_threads, machine_cores
 
     one = "model: {source: tiny}\nprompts: {items: [a]}\nrewards: [{name: brightness}]\n"
     config = load_config(write(tmp_path, one))
     assert [actor_threads(config, n) for n in (0.25, 1, 4)] == [1, 1, 4]
     fixed = load_config(write(tmp_path, one + "torch_threads: 2\n"))
     assert [actor_threads(fixed, n) for n in (0.25, 4)] == [2, 2]
+    # asynchronous (the default here): samplers and learners work at once, a thread per CPU each
+    stages = one + "sampler: {num_workers: 2, num_cpus: 0.5}\nlearner: {num_workers: 1, num_cpus: 1}\n"
+    run = load_config(write(tmp_path, stages + "replay: {max_staleness: 1}\n"))
+    assert [actor_threads(run, 0.5, "sampler"), actor_threads(run, 1, "learner")] == [1, 1]
+    # synchronous: each side takes the other's CPUs while it waits, up to the machine's cores
+    sync = load_config(write(tmp_path, stages + "replay: {max_staleness: 0}\n"))
+    cores = machine_cores()
+    assert actor_threads(sync, 0.5, "sampler") == max(1, min(1, cores))
+    assert actor_threads(sync, 1, "learner") == max(1, min(2, cores))
+    assert actor_threads(sync, 0.25) == 1  # a reward actor scores beside the samplers
     with pytest.raises(ConfigError, match="torch_threads"):
         load_config(write(tmp_path, "prompts: {items: [a]}\nrewards: [{name: brightness}]\ntorch_threads: 0\n"))

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from rlds.config import Config, actor_threads, task_list
+from rlds.config import Config, actor_threads, machine_cores, task_list
 from rlds.configure import with_changes
 from rlds.data.prompts import prompt_list
 from rlds.distributed.protocol import ScoredBatch, TrainingBatch
@@ -172,13 +172,6 @@ def plain_process(config: Config, iterations: int = 8, warmup: int = 2, threads:
     return {"trajectories_per_s": total * iterations / times["s"], "iteration_s": times["s"] / iterations,
             "threads": threads, "stages_per_iteration_s": stages,
             "compute_bound_trajectories_per_s": total / sum(stages.values())}
-
-
-def machine_cores() -> int:
-    """The cores this process may run on (its affinity), which a container can set below os.cpu_count()."""
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def single_process(config: Config, iterations: int = 8) -> dict:

@@ -31,7 +31,7 @@ class LearnerActor:
         import torch
         from ray.util import metrics
 
-        torch.set_num_threads(actor_threads(config, config.learner.num_cpus))
+        torch.set_num_threads(actor_threads(config, config.learner.num_cpus, "learner"))
         self.rank, self.world_size, self.config = rank, world_size, config
         self.start_iteration = start_iteration  # where the L_pre stream continues (resumed or rebuilt)
         self.weight_store = weight_store

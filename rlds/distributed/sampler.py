@@ -164,7 +164,7 @@ class SamplerActor(SamplerLoop):
         from rlds.policy import load_policy
         from rlds.policy.pipeline import DTYPES
 
-        torch.set_num_threads(actor_threads(config, config.sampler.num_cpus))
+        torch.set_num_threads(actor_threads(config, config.sampler.num_cpus, "sampler"))
         super().__init__(index, config, tasks, store, weight_store, start_iteration, incarnation, positions)
         if device == "cpu" and ray.get_gpu_ids():
             device = "cuda"
