@@ -475,10 +475,8 @@ def actor_threads(c: Config, num_cpus: float, stage: Optional[str] = None) -> in
 
     A synchronous run (`replay.max_staleness: 0`) has its samplers and learners take turns: each
     side waits while the other works. So a `stage` ('sampler' or 'learner') of such a run also gets
-    its share of the other side's CPUs, up to this machine's cores; measured on 2 cores
-    (`configs/bench_balanced.yaml`), 2 threads each took the synchronous loop from 4.3-4.5 to
-    4.9-5.5 trajectories/s. An asynchronous run's stages work at once, and 2 threads each there
-    oversubscribed the cores (6.7-7.8 down to 1.8)."""
+    its share of the other side's CPUs, up to this machine's cores. An asynchronous run's stages work
+    at once, where more threads than CPUs oversubscribe the cores (README, Benchmarks)."""
     if c.torch_threads:
         return c.torch_threads
     cpus = num_cpus

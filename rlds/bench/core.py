@@ -128,9 +128,11 @@ def end_to_end(config: Config, iterations: int = 8, warmup: int = 2) -> dict:
             "reward_first": rows[0]["reward/mean"], "reward_last": rows[-1]["reward/mean"]}
 
 
-def plain_process(config: Config, iterations: int = 8, warmup: int = 2, threads: int | None = None) -> dict:
+def plain_process(config: Config, iterations: int = 8, warmup: int = 2, threads: int | None = None,
+                  policy=None) -> dict:
     """The same algorithm with no Ray, as a user's own script runs it: sample, score, normalise and
-    update in one process, with every core (`threads`, default all of them) on each stage in turn.
+    update in one process, with every core (`threads`, default all of them) on each stage in turn,
+    training `policy` in place (default: the config's model, loaded).
     Each stage's own time is kept: their sum per trajectory is the compute bound of this algorithm
     on this machine, what a loop that wasted nothing between its stages would reach."""
     import torch
@@ -141,7 +143,7 @@ def plain_process(config: Config, iterations: int = 8, warmup: int = 2, threads:
 
     threads = threads or machine_cores()
     torch.set_num_threads(threads)
-    policy = load_policy(config.model)
+    policy = policy or load_policy(config.model)
     opt = make_optimizer([p for p in policy.unet.parameters() if p.requires_grad], config.algo)
     task = task_list(config)[0]
     rewards = [(build_reward(r.name, r.args), r.weight) for r in task.rewards]
