@@ -350,7 +350,7 @@ class Trainer:
                     restored = meta["iteration"]
                 published = ray.get(self.weights.newer_than.remote(version - 1))
                 if published is not None:  # rank 0 had published this update before a rank failed:
-                    self.learners.load_weights(published.flat)  # keep its weights (optimizer: the checkpoint's)
+                    self.learners.load_published(published.version)  # its weights (optimizer: the checkpoint's)
                     restored = published.version
                 else:
                     self.learners.publish(version)
@@ -569,6 +569,7 @@ class Trainer:
         if getattr(self, "learners", None) is not None:
             self.learners.shutdown()
         ray.kill(self.store)
+        ray.wait([self.weights.close.remote()], timeout=10)  # its slots in /dev/shm
         ray.kill(self.weights)
         return final
 

@@ -1,7 +1,9 @@
 """End to end on a local Ray: samplers, reward pools, a gloo LearnerGroup, the run folder."""
 import json
+import os
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -284,6 +286,50 @@ def test_published_weights_outlive_the_learner_that_put_them(ray_local):
     time.sleep(0.5)
     newest = ray_local.get(store.newer_than.remote(0))
     assert newest.version == 1 and ray_local.get(newest.flat, timeout=10)[999] == 999
+    ray_local.kill(store)
+
+
+@pytest.mark.skipif(not os.access("/dev/shm", os.W_OK), reason="no /dev/shm")
+def test_weights_in_shared_memory_slots_outlive_their_writer_and_reach_other_nodes(ray_local, monkeypatch):
+    """A learner on the store's node writes each version into a slot; readers there map it (no
+    copy), a reader on another node gets it through the object store, and a full /dev/shm sends
+    the weights by value instead."""
+    import torch
+
+    from rlds.distributed import weight_slots
+    from rlds.distributed.weights import WeightLoader, WeightPublisher, WeightStore
+
+    @ray_local.remote
+    class Publisher:
+        def publish(self, store, version):
+            module = torch.nn.Linear(1000, 250, bias=False)
+            torch.nn.init.constant_(module.weight, float(version))
+            WeightPublisher(store).publish(version, module)
+
+    store, publisher = WeightStore.remote(), Publisher.remote()
+    ray_local.get(publisher.publish.remote(store, 1))
+    ray_local.kill(publisher)
+    loader = WeightLoader(store)  # the driver: on the store's node
+    published = ray_local.get(store.newer_than.remote(0, loader.node))
+    assert published.flat is None and published.slot.startswith("/dev/shm/")
+    version, values = loader.newer_than(0)
+    assert version == 1 and values.size == 250_000 and np.all(values == 1) and not values.flags.writeable
+    elsewhere = ray_local.get(store.newer_than.remote(0, "another-node"))
+    assert elsewhere.slot is None and np.all(ray_local.get(elsewhere.flat, timeout=10) == 1)
+
+    def no_room(fd, offset, length):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(weight_slots.os, "posix_fallocate", no_room)
+    module = torch.nn.Linear(1000, 250, bias=False)
+    torch.nn.init.constant_(module.weight, 2.0)
+    WeightPublisher(store).publish(2, module)  # slot-0 is newest and a new slot finds no room
+    published = ray_local.get(store.newer_than.remote(1, loader.node))
+    assert published.slot is None and np.all(loader.newer_than(1)[1] == 2)
+    directory = Path(ray_local.get(store.slot_directory.remote(loader.node)))
+    assert (directory / "slot-0").is_file()
+    ray_local.get(store.close.remote())
+    assert not directory.exists()
     ray_local.kill(store)
 
 

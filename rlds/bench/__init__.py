@@ -99,7 +99,8 @@ def _summarise(r: dict) -> None:
             if "speedup_over_float32" in figures:
                 s[f"compute_{name}_over_float32"] = figures["speedup_over_float32"]
     if "weights" in r:
-        s["weights_4_samplers_over_memcpy"] = r["weights"]["full_unet"]["zero_copy_over_memcpy"]
+        s["weights_4_samplers_over_memcpy"] = r["weights"]["full_unet"]["shared_memory_over_memcpy"]
+        s["weights_4_samplers_object_store_over_memcpy"] = r["weights"]["full_unet"]["object_store_over_memcpy"]
     if "scaling" in r and r["scaling"].get("trials"):
         last = r["scaling"]["trials"][-1]
         s[f"scaling_efficiency_{last['samplers']}_samplers"] = last["efficiency"]

@@ -189,13 +189,40 @@ def single_process(config: Config, iterations: int = 8) -> dict:
 
 
 @ray.remote(num_cpus=0)
+class WeightSender:
+    """Learner rank 0's publication without the model: a parameter of `numel` values, published
+    the same way (rlds.distributed.weights.WeightPublisher)."""
+
+    def __init__(self, weights, numel: int):
+        import torch
+
+        import rlds.policy  # noqa: F401 (imported here, so the first publication times no imports)
+        from rlds.distributed.weights import WeightPublisher
+
+        self.module = torch.nn.Module()
+        self.module.flat = torch.nn.Parameter(torch.from_numpy(
+            np.random.default_rng(0).standard_normal(numel, dtype=np.float32)))
+        self.publisher = WeightPublisher(weights)
+
+    def publish(self, version: int) -> None:
+        import torch
+
+        with torch.no_grad():
+            self.module.flat[0] = version  # a new state each time
+        self.publisher.publish(version, self.module)
+
+
+@ray.remote(num_cpus=0)
 class WeightReceiver:
-    """A sampler's weight intake without the model: the same pull and load as SamplerActor."""
+    """A sampler's weight intake without the model: the same pull and load as SamplerLoop."""
 
     def __init__(self, weights, numel: int, share: bool):
         import torch
 
-        self.weights, self.share, self.version = weights, share, -1
+        import rlds.policy  # noqa: F401 (as in WeightSender)
+        from rlds.distributed.weights import WeightLoader
+
+        self.loader, self.share, self.version = WeightLoader(weights), share, -1
         self.module = torch.nn.Module()
         self.module.flat = torch.nn.Parameter(torch.zeros(numel))
 
@@ -203,14 +230,19 @@ class WeightReceiver:
         from rlds.policy import load_flat_trainable
 
         start = time.perf_counter()
-        newer = ray.get(self.weights.newer_than.remote(self.version))
-        load_flat_trainable(self.module, ray.get(newer.flat), share=self.share)
-        self.version = newer.version
+        self.version, flat = self.loader.newer_than(self.version)
+        if not load_flat_trainable(self.module, flat, share=self.share):
+            self.loader.release()
+        assert float(self.module.flat[0]) == self.version  # the version it was told
         return time.perf_counter() - start
 
 
-def weight_publication(size_bytes: int, receivers: int = 4, repeats: int = 3) -> dict:
-    """Publish a state of `size_bytes` and have `receivers` samplers load it, against one memcpy."""
+def weight_publication(size_bytes: int, receivers: int = 4, repeats: int = 4) -> dict:
+    """Publish a state of `size_bytes` from a learner-like actor and have `receivers` samplers on
+    this node load it, against one memcpy: through shared-memory slots with zero-copy receivers
+    (what a CPU run does), the same with receivers that copy (as onto a GPU), and through the object
+    store alone (`WeightStore(shared_memory=False)`, what a learner on another node does). Each way
+    reports its first publication (slots and object store pages still to fault in) and its best."""
     from rlds.distributed.weights import WeightStore
 
     numel = size_bytes // 4
@@ -221,22 +253,23 @@ def weight_publication(size_bytes: int, receivers: int = 4, repeats: int = 3) ->
         start = time.perf_counter()
         np.copyto(dst, src)
         memcpy.append(time.perf_counter() - start)
-    del dst
+    del src, dst
     out = {"bytes": int(numel * 4), "receivers": receivers, "memcpy_s": min(memcpy)}
-    for share in (True, False):
-        weights = WeightStore.remote()
+    for key, shared_memory, share in (("shared_memory", True, True), ("shared_memory_copy", True, False),
+                                      ("object_store", False, True)):
+        weights = WeightStore.remote(shared_memory=shared_memory)
+        sender = WeightSender.remote(weights, numel)
         actors = [WeightReceiver.remote(weights, numel, share) for _ in range(receivers)]
-        ray.get([a.__ray_ready__.remote() for a in actors])
+        ray.get([a.__ray_ready__.remote() for a in actors + [sender]])
         times = []
         for version in range(repeats):
-            src[0] = version  # a new state each time
             start = time.perf_counter()
-            ray.get(weights.publish.remote(version, src))  # what rank 0 does
+            ray.get(sender.publish.remote(version))  # what rank 0 does
             ray.get([a.pull.remote() for a in actors])
             times.append(time.perf_counter() - start)
-        key = "zero_copy" if share else "copy"
-        out[f"{key}_s"] = min(times)
+        out[f"{key}_s"], out[f"{key}_first_s"] = min(times), times[0]
         out[f"{key}_over_memcpy"] = min(times) / out["memcpy_s"]
-        for a in actors + [weights]:
+        ray.get(weights.close.remote())
+        for a in actors + [sender, weights]:
             ray.kill(a)
     return out

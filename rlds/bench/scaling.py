@@ -87,8 +87,9 @@ class ModelledSampler(SamplerLoop):
         super().__init__(index, config, [], None, None)  # the trial attaches the store and the task
         self.sample_cost_s, self.latent_shape, self.num_steps = sample_cost_s, tuple(latent_shape), num_steps
 
-    def load_weights(self, flat: np.ndarray) -> None:
+    def load_weights(self, flat: np.ndarray) -> bool:
         self.weights = np.array(flat)  # stands in for load_flat_trainable (a copy, as on a GPU)
+        return False
 
     def make_trajectory(self, prompts, prompt_ids, seeds, sample_ids, start_seeds=None):
         time.sleep(self.sample_cost_s)  # the modelled UNet: num_steps guided DDIM steps

@@ -34,7 +34,7 @@ class LearnerActor:
         torch.set_num_threads(actor_threads(config, config.learner.num_cpus, "learner"))
         self.rank, self.world_size, self.config = rank, world_size, config
         self.start_iteration = start_iteration  # where the L_pre stream continues (resumed or rebuilt)
-        self.weight_store = weight_store
+        self.weight_store, self.publisher = weight_store, None
         self.device = "cuda" if ray.get_gpu_ids() else "cpu"
         self.update_hist = metrics.Histogram("rlds_learner_update_s", "Seconds per policy update",
                                              boundaries=[0.1, 0.3, 1, 3, 10, 30, 100])
@@ -91,11 +91,17 @@ class LearnerActor:
         load_trainable_bytes(self.policy.unet, trainable)
         load_optimizer_bytes(self.optimizers, optimizer)
 
-    def load_weights(self, flat: np.ndarray) -> None:
-        """The published weights (a copy: this rank trains them in place)."""
+    def load_published(self, version: int) -> None:
+        """The store's weights of `version` (a copy: this rank trains them in place)."""
+        from rlds.distributed.weights import WeightLoader
         from rlds.policy import load_flat_trainable
 
-        load_flat_trainable(self.policy.unet, flat, share=False)
+        loader = WeightLoader(self.weight_store)
+        published = loader.newer_than(version - 1)
+        if published is None or published[0] != version:
+            raise RuntimeError(f"the WeightStore no longer holds weights version {version}")
+        load_flat_trainable(self.policy.unet, published[1], share=False)
+        loader.release()
 
     def state(self) -> tuple[bytes, bytes]:
         from rlds.checkpoint import optimizer_bytes, trainable_bytes
@@ -103,12 +109,13 @@ class LearnerActor:
         return trainable_bytes(self.policy.unet), optimizer_bytes(self.optimizers)
 
     def publish(self, version: int) -> float:
-        from rlds.policy import flatten_trainable
+        from rlds.distributed.weights import WeightPublisher
 
         took: dict = {}
         with timer("publish", took):
-            # by value: the store puts (and so owns) them, and they outlive this process
-            ray.get(self.weight_store.publish.remote(version, flatten_trainable(self.policy.unet)))
+            if self.publisher is None:
+                self.publisher = WeightPublisher(self.weight_store)
+            self.publisher.publish(version, self.policy.unet)
         self.publish_hist.observe(took["publish"])
         return took["publish"]
 
@@ -239,8 +246,8 @@ class LearnerGroup:
     def load_state(self, trainable: bytes, optimizer: bytes) -> None:
         ray.get([a.load_state.remote(trainable, optimizer) for a in self.actors])
 
-    def load_weights(self, flat_ref: ray.ObjectRef) -> None:
-        ray.get([a.load_weights.remote(flat_ref) for a in self.actors])
+    def load_published(self, version: int) -> None:
+        ray.get([a.load_published.remote(version) for a in self.actors])
 
     def shutdown(self, timeout_s: float = 30) -> None:
         """Leave the process group where a rank can (a hung or dead one cannot), then kill every rank."""

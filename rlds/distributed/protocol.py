@@ -9,7 +9,7 @@ Ray resolves an ObjectRef passed as a top-level argument of a remote call into i
 passes a reference nested inside another object on as a reference. Every message that carries a
 reference is a dataclass here, so references travel as references: no other module wraps one in
 a list to keep Ray from fetching it, or unwraps one. What is fetched is fetched by `ray.get` where
-it is needed (`LearnerShard.fetch`, a sampler pulling `PublishedWeights.flat`).
+it is needed (`LearnerShard.fetch`, a WeightLoader taking `PublishedWeights.flat`).
 """
 from __future__ import annotations
 
@@ -128,9 +128,12 @@ class UpdateResult:
 
 @dataclass(frozen=True)
 class PublishedWeights:
-    """A version of the trainable weights: one flat float32 buffer (rlds.policy.flatten_trainable)."""
+    """A version of the trainable weights: one flat float32 buffer (rlds.policy.flatten_trainable),
+    in the object store (`flat`) or, for readers on the WeightStore's node, in a shared-memory slot
+    there (`slot`, a path: rlds.distributed.weight_slots)."""
     version: int
-    flat: ray.ObjectRef
+    flat: Optional[ray.ObjectRef] = None
+    slot: Optional[str] = None
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,10 @@ class SamplerLoop:
         """Point the loop at a (new) store: a fresh run (or one resumed at `start_iteration`, which
         seeds what it draws, and at each streamed task's `positions[t]` in this sampler's shard),
         counters from zero, weights pulled anew."""
+        from rlds.distributed.weights import WeightLoader
+
         self.store, self.weight_store, self.tasks = store, weight_store, tasks
+        self.weight_loader = WeightLoader(weight_store)
         self.start_iteration = start_iteration
         positions = positions or {}
         self.shards = {t: PromptShard(task.source, "train", self.index, self.config.sampler.max_workers,
@@ -78,17 +81,19 @@ class SamplerLoop:
     def make_trajectory(self, prompts: list[str], prompt_ids, seeds, sample_ids, start_seeds=None):
         raise NotImplementedError
 
-    def load_weights(self, flat: np.ndarray) -> None:
+    def load_weights(self, flat: np.ndarray) -> bool:
+        """Returns whether the model now reads `flat` itself (rlds.policy.load_flat_trainable)."""
         raise NotImplementedError
 
     def pull_weights(self) -> bool:
-        newer = ray.get(self.weight_store.newer_than.remote(self.version))
-        if newer is None:
-            return False
         took: dict = {}
         with timer("sync", took):
-            self.load_weights(ray.get(newer.flat))
-            self.version, self.batches_on_version = newer.version, 0
+            newer = self.weight_loader.newer_than(self.version)
+            if newer is None:
+                return False
+            if not self.load_weights(newer[1]):
+                self.weight_loader.release()
+            self.version, self.batches_on_version = newer[0], 0
         self.times["sync"] += took["sync"]
         self.sync_hist.observe(took["sync"])
         return True
@@ -173,11 +178,11 @@ class SamplerActor(SamplerLoop):
         # only what the objective trains on goes into the object store
         self.keep_chain = objective_class(config.algo.objective).needs_chain
 
-    def load_weights(self, flat: np.ndarray) -> None:
+    def load_weights(self, flat: np.ndarray) -> bool:
         from rlds.policy import load_flat_trainable
 
-        # On CPU the weights stay in the object store's shared memory: no copy per sampler.
-        load_flat_trainable(self.policy.unet, flat, share=True)
+        # On CPU the weights stay in shared memory (a slot or the object store): no copy per sampler.
+        return load_flat_trainable(self.policy.unet, flat, share=True)
 
     def make_trajectory(self, prompts, prompt_ids, seeds, sample_ids, start_seeds=None):
         from rlds.policy import sample_trajectories

@@ -47,12 +47,15 @@ class Validator:
 
     def validate(self, weight_store) -> ValidationResult:
         """The newest published weights, scored on every task's validation set."""
+        from rlds.distributed.weights import WeightLoader
         from rlds.policy import load_flat_trainable, sample_trajectories
         from rlds.policy.sampling import eval_sampling
 
         start = time.perf_counter()
-        weights = ray.get(weight_store.newer_than.remote(-1))
-        load_flat_trainable(self.policy.unet, ray.get(weights.flat))
+        loader = WeightLoader(weight_store)
+        version, weights = loader.newer_than(-1)
+        load_flat_trainable(self.policy.unet, weights)
+        loader.release()
         sampling, seed = eval_sampling(self.config.sampling), self.config.validation.seed
         figures = {}
         for task in self.tasks:
@@ -68,7 +71,7 @@ class Validator:
             for name, value in scores.items():
                 figures[f"{prefix}{name}/mean"] = float(np.mean(value))
             figures[f"{prefix}mean"] = float(np.mean(sum(task.weights[n] * v for n, v in scores.items())))
-        return ValidationResult(weights.version, figures, time.perf_counter() - start)
+        return ValidationResult(version, figures, time.perf_counter() - start)
 
 
 class EarlyStopping:

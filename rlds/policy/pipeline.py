@@ -120,14 +120,26 @@ def trainable_parameters(module: torch.nn.Module) -> list[tuple[str, torch.nn.Pa
 
 def flatten_trainable(module: torch.nn.Module) -> np.ndarray:
     """All trainable parameters as one float32 buffer (one object-store copy, not one per tensor)."""
-    params = [p.detach().reshape(-1).float() for _, p in trainable_parameters(module)]
-    return torch.cat(params).cpu().numpy()
+    out = np.empty(sum(p.numel() for _, p in trainable_parameters(module)), dtype=np.float32)
+    write_flat_trainable(module, out)
+    return out
 
 
-def load_flat_trainable(module: torch.nn.Module, flat: np.ndarray, share: bool = False) -> None:
+def write_flat_trainable(module: torch.nn.Module, out: np.ndarray) -> None:
+    """`flatten_trainable` into `out` (a shared-memory slot, say): one copy of each parameter."""
+    dst, offset = torch.from_numpy(out), 0
+    with torch.no_grad():
+        for _, p in trainable_parameters(module):
+            n = p.numel()
+            dst[offset:offset + n].copy_(p.detach().reshape(-1))
+            offset += n
+
+
+def load_flat_trainable(module: torch.nn.Module, flat: np.ndarray, share: bool = False) -> bool:
     """Load a `flatten_trainable` buffer. `share=True` (CPU, float32 weights) makes the parameters
     views of the buffer instead of copying it: a sampler that only reads its weights then takes a
-    new version from the object store's shared memory with no copy at all."""
+    new version from shared memory with no copy at all. Returns whether it did (the buffer must
+    then stay valid for as long as the module is used)."""
     params = trainable_parameters(module)
     total = sum(p.numel() for _, p in params)
     if flat.size != total:
@@ -147,6 +159,7 @@ def load_flat_trainable(module: torch.nn.Module, flat: np.ndarray, share: bool =
             else:
                 p.copy_(view)
             offset += n
+    return share
 
 
 class WithParams:
