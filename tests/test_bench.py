@@ -56,3 +56,21 @@ def test_bench_writes_json_and_plot(ray_local, tiny_config, tmp_path):
     assert saved["summary"]["pipeline_efficiency"] == pytest.approx(results["summary"]["pipeline_efficiency"])
     assert 0 < saved["summary"]["pipeline_efficiency"] < 2
     assert (tmp_path / "bench.png").stat().st_size > 1000
+
+
+def test_single_process_headline_is_rlds_at_its_faster_dtype_per_mode(tmp_path):
+    from rlds.bench import _summarise, plot
+    from rlds.bench.core import against_plain
+
+    plain = {"trajectories_per_s": 10.0, "compute_bound_trajectories_per_s": 10.5}
+    runs = {"float32": {"sync": {"trajectories_per_s": 8.0}, "async": {"trajectories_per_s": 16.0}},
+            "bfloat16": {"sync": {"trajectories_per_s": 9.0}, "async": {"trajectories_per_s": 12.0}}}
+    results = {"single_process": against_plain(plain, runs)}
+    _summarise(results)
+    s = results["summary"]
+    assert s["sync_over_single_process"] == pytest.approx(0.9) and s["async_over_single_process"] == pytest.approx(1.6)
+    assert s["single_process_best_dtypes"] == {"sync": "bfloat16", "async": "float32"}
+    assert s["sync_over_single_process_float32"] == pytest.approx(0.8)
+    assert results["single_process"]["bfloat16"]["async_over_plain"] == pytest.approx(1.2)
+    plot(results, tmp_path / "bench.png")
+    assert (tmp_path / "bench.png").stat().st_size > 1000

@@ -176,16 +176,51 @@ def plain_process(config: Config, iterations: int = 8, warmup: int = 2, threads:
             "compute_bound_trajectories_per_s": total / sum(stages.values())}
 
 
+def native_bfloat16() -> bool:
+    """Whether this machine computes in bfloat16 natively (a CUDA card that supports it, or a CPU with
+    AVX-512 BF16 or AMX): where it does not, autocast emulates bfloat16 and costs time."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def single_process(config: Config, iterations: int = 8) -> dict:
     """rlds against one plain process on the same work and the same machine: the plain loop with
-    every core, then rlds as the config sets it up, synchronous (`replay.max_staleness: 0`) and
-    asynchronous (1)."""
+    every core (float32, as a user's script runs), then rlds as the config sets it up, synchronous
+    (`replay.max_staleness: 0`) and asynchronous (1), and again with `model.dtype: bfloat16` where
+    the machine computes bfloat16 natively: rlds at its best settings for the machine. `best` takes,
+    for each mode, the faster dtype."""
     plain = plain_process(config, iterations)
-    sync = end_to_end(with_changes(config, {"replay.max_staleness": 0}), iterations)
-    async_ = end_to_end(with_changes(config, {"replay.max_staleness": 1}), iterations)
-    rate = plain["trajectories_per_s"]
-    return {"plain": plain, "sync": sync, "async": async_, "sync_over_plain": sync["trajectories_per_s"] / rate,
-            "async_over_plain": async_["trajectories_per_s"] / rate}
+    dtypes = [config.model.dtype] + (["bfloat16"] if config.model.dtype != "bfloat16" and native_bfloat16() else [])
+    runs = {}
+    for dtype in dtypes:
+        run = with_changes(config, {"model.dtype": dtype})
+        runs[dtype] = {mode: end_to_end(with_changes(run, {"replay.max_staleness": staleness}), iterations)
+                       for mode, staleness in (("sync", 0), ("async", 1))}
+    return against_plain(plain, runs)
+
+
+def against_plain(plain: dict, runs: dict) -> dict:
+    """`runs` ({dtype: {"sync": end_to_end, "async": end_to_end}}, the config's dtype first) as
+    ratios to the plain loop, and each mode's faster dtype as `best`."""
+    rate, dtypes = plain["trajectories_per_s"], list(runs)
+    out = {"plain": plain, "dtypes": dtypes, "sync": runs[dtypes[0]]["sync"], "async": runs[dtypes[0]]["async"],
+           "sync_over_plain": runs[dtypes[0]]["sync"]["trajectories_per_s"] / rate,
+           "async_over_plain": runs[dtypes[0]]["async"]["trajectories_per_s"] / rate, "best": {}}
+    for dtype in dtypes[1:]:
+        out[dtype] = {**runs[dtype], **{f"{mode}_over_plain": runs[dtype][mode]["trajectories_per_s"] / rate
+                                        for mode in ("sync", "async")}}
+    for mode in ("sync", "async"):
+        dtype = max(dtypes, key=lambda d: runs[d][mode]["trajectories_per_s"])
+        out["best"][mode] = {"dtype": dtype, "over_plain": runs[dtype][mode]["trajectories_per_s"] / rate}
+    return out
 
 
 @ray.remote(num_cpus=0)

@@ -53,7 +53,11 @@ class Validator:
 
         start = time.perf_counter()
         loader = WeightLoader(weight_store)
-        version, weights = loader.newer_than(-1)
+        newest = loader.newer_than(-1)
+        if newest is None:
+            raise RuntimeError("Validator.validate: the WeightStore holds no weights yet; validate after the "
+                               "first publication (the trainer publishes version 0 before it starts)")
+        version, weights = newest
         load_flat_trainable(self.policy.unet, weights)
         loader.release()
         sampling, seed = eval_sampling(self.config.sampling), self.config.validation.seed
