@@ -95,9 +95,9 @@ def _summarise(r: dict) -> None:
         s["sync_over_single_process"] = sp["best"]["sync"]["over_plain"]
         s["async_over_single_process"] = sp["best"]["async"]["over_plain"]
         s["single_process_best_dtypes"] = {mode: sp["best"][mode]["dtype"] for mode in ("sync", "async")}
-        dtype = sp["dtypes"][0]
-        s[f"sync_over_single_process_{dtype}"] = sp["sync_over_plain"]
-        s[f"async_over_single_process_{dtype}"] = sp["async_over_plain"]
+        for dtype, figures in sp["dtypes"].items():
+            s[f"sync_over_single_process_{dtype}"] = figures["sync_over_plain"]
+            s[f"async_over_single_process_{dtype}"] = figures["async_over_plain"]
         s["single_process_compute_bound_trajectories_per_s"] = sp["plain"]["compute_bound_trajectories_per_s"]
     if "compute" in r:
         for name, figures in r["compute"]["options"].items():
@@ -145,10 +145,9 @@ def plot(r: dict, path: Path) -> None:
     if "single_process" in r:
         sp = r["single_process"]
         bars["one process"] = sp["plain"]["trajectories_per_s"]
-        for dtype in sp["dtypes"]:
-            runs = sp if dtype == sp["dtypes"][0] else sp[dtype]
-            bars[f"rlds sync\n{dtype}"] = runs["sync"]["trajectories_per_s"]
-            bars[f"rlds async\n{dtype}"] = runs["async"]["trajectories_per_s"]
+        for dtype, figures in sp["dtypes"].items():
+            bars[f"rlds sync\n{dtype}"] = figures["sync"]["trajectories_per_s"]
+            bars[f"rlds async\n{dtype}"] = figures["async"]["trajectories_per_s"]
     if bars:
         ax.bar(list(bars), list(bars.values()), color=["C0", "C2", "C7", "C1", "C4", "C5", "C6"][:len(bars)])
         if "single_process" in r:

@@ -209,18 +209,17 @@ def single_process(config: Config, iterations: int = 8) -> dict:
 
 def against_plain(plain: dict, runs: dict) -> dict:
     """`runs` ({dtype: {"sync": end_to_end, "async": end_to_end}}, the config's dtype first) as
-    ratios to the plain loop, and each mode's faster dtype as `best`."""
-    rate, dtypes = plain["trajectories_per_s"], list(runs)
-    out = {"plain": plain, "dtypes": dtypes, "sync": runs[dtypes[0]]["sync"], "async": runs[dtypes[0]]["async"],
-           "sync_over_plain": runs[dtypes[0]]["sync"]["trajectories_per_s"] / rate,
-           "async_over_plain": runs[dtypes[0]]["async"]["trajectories_per_s"] / rate, "best": {}}
-    for dtype in dtypes[1:]:
-        out[dtype] = {**runs[dtype], **{f"{mode}_over_plain": runs[dtype][mode]["trajectories_per_s"] / rate
-                                        for mode in ("sync", "async")}}
+    ratios to the plain loop, by dtype, and each mode's faster dtype as `best`; the config's dtype's
+    figures also sit at the top level, where they were before rlds tried other dtypes."""
+    rate = plain["trajectories_per_s"]
+    by_dtype = {dtype: {**modes, **{f"{mode}_over_plain": modes[mode]["trajectories_per_s"] / rate
+                                    for mode in ("sync", "async")}}
+                for dtype, modes in runs.items()}
+    best = {}
     for mode in ("sync", "async"):
-        dtype = max(dtypes, key=lambda d: runs[d][mode]["trajectories_per_s"])
-        out["best"][mode] = {"dtype": dtype, "over_plain": runs[dtype][mode]["trajectories_per_s"] / rate}
-    return out
+        dtype = max(by_dtype, key=lambda d: by_dtype[d][mode]["trajectories_per_s"])
+        best[mode] = {"dtype": dtype, "over_plain": by_dtype[dtype][f"{mode}_over_plain"]}
+    return {"plain": plain, **next(iter(by_dtype.values())), "dtypes": by_dtype, "best": best}
 
 
 @ray.remote(num_cpus=0)
