@@ -20,7 +20,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from rlds.algo.advantages import PerPromptStatTracker, compute_advantages
 from rlds.checkpoint import complete_checkpoints, latest_checkpoint, read_checkpoint, save_checkpoint
-from rlds.config import Config, actor_threads, dump_config, task_list, validation_keys
+from rlds.config import Config, ConfigError, actor_threads, dump_config, task_list, validation_keys
 from rlds.data.prompts import prompt_list, prompt_source, validation_prompts
 from rlds.distributed.learner import LearnerGroup
 from rlds.distributed.protocol import TrainingBatch, UpdateResult, ValidationResult
@@ -71,6 +71,11 @@ def make_run_dir(config: Config) -> Path:
         path = Path(config.resume).resolve().parent.parent  # continue the run the checkpoint is from
     else:
         path = Path("runs") / f"{config.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    metrics = path / "metrics.jsonl"
+    if not config.resume and metrics.is_file() and metrics.stat().st_size:
+        # Appending a new run's rows to an old run's would mix two runs' curves in one folder.
+        raise ConfigError(f"run_dir: {path} already holds a run's metrics ({metrics}); continue it with "
+                          f"resume=auto, or give a new run_dir")
     path.mkdir(parents=True, exist_ok=True)
     return path
 

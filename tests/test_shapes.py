@@ -190,6 +190,18 @@ def test_parity_with_a_quality_floor_counts_a_badly_drawn_shape_as_none():
         build_reward("shapes_parity", {"min_quality": 2})
 
 
+def test_parity_colour_free_only_leaves_colour_named_groups_to_other_rewards():
+    rng = np.random.default_rng(9)
+    reds = np.stack([render(scene_for_prompt(Prompt((("red", "circle"),)), rng)) for _ in range(8)])
+    prompts = ["a circle"] * 4 + ["a red circle"] * 4
+    groups = np.array([0] * 4 + [1] * 4)
+    plain = build_reward("shapes_parity", {})(reds, prompts, groups)
+    only_free = build_reward("shapes_parity", {"colour_free_only": True})(reds, prompts, groups)
+    np.testing.assert_allclose(plain, -0.75)
+    np.testing.assert_allclose(only_free[:4], -0.75)  # the colour-free group is scored as before
+    np.testing.assert_allclose(only_free[4:], 0.0)    # "a red circle" drawn red is not unfair
+
+
 def test_quality_ranks_render_above_noisy_render_above_noise():
     rng = np.random.default_rng(6)
     quality = ShapesQuality()

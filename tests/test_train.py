@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from rlds.config import ConfigError
 from rlds.metrics import read_metrics
 from rlds.trainer import Trainer
 
@@ -102,6 +103,10 @@ def test_resume_continues_at_the_checkpoint(sync_run, tiny_config):
     done = tiny_config(f"resume={run_dir / 'checkpoints' / 'iter_000008'}", "iterations=8")
     with pytest.raises(ValueError, match="nothing to train; raise iterations"):
         Trainer(done, progress=False).run()
+    # A new run into the same folder without resume is refused: it would append to this run's rows.
+    with pytest.raises(ConfigError, match="already holds a run's metrics.*resume=auto"):
+        Trainer(tiny_config(f"run_dir={run_dir}", "iterations=2"), progress=False).run()
+    assert [r["iteration"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, 9))
 
 
 LEARNING_KEYS = ("reward/mean", "loss", "grad_norm", "approx_kl", "clipfrac", "samples", "lr")

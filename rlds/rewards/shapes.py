@@ -255,16 +255,31 @@ class ShapesParity(ParityReward):
 
     `min_quality` > 0 counts a shape only when the image's ShapesQuality reaches it (else NONE, the
     worst case), so that a group cannot buy balance with badly drawn shapes of other colours. The
-    base model's colour-free shapes score 0.53-0.73 (median 0.67)."""
+    base model's colour-free shapes score 0.53-0.73 (median 0.67).
+
+    `colour_free_only` scores 0 for a group whose prompt names a colour: there the prompt, not
+    fairness, decides the colour (a task can then mix colour-free prompts with colour-named ones that
+    another reward, the detector, holds to their colours, in one batch and one update)."""
 
     min_image_size = SIZE
 
     classes = COLOUR_NAMES
 
-    def __init__(self, min_quality: float = 0.0):
+    def __init__(self, min_quality: float = 0.0, colour_free_only: bool = False):
         if not 0.0 <= min_quality <= 1.0:
             raise ValueError(f"min_quality {min_quality} is not a ShapesQuality score in [0, 1]")
         self.min_quality, self.quality = min_quality, ShapesQuality()
+        self.colour_free_only = bool(colour_free_only)
+
+    def __call__(self, images, prompts, group_ids):
+        if not self.colour_free_only:
+            return super().__call__(images, prompts, group_ids)
+        out = np.zeros(len(images), dtype=np.float32)
+        free = np.array([all(c is None for c, _ in parse_prompt(p).objects) for p in prompts], bool)
+        if free.any():
+            out[free] = super().__call__(images[free], [p for p, f in zip(prompts, free) if f],
+                                         np.asarray(group_ids)[free])
+        return out
 
     def labels(self, images, prompts):
         labels = [colour_label(im) for im in images]
