@@ -85,6 +85,10 @@ class PromptConfig:
     items: list[str] = field(default_factory=list)
     file: Optional[str] = None
     shapes: Optional[str] = None
+    # other ShapesWorld sets drawn beside `shapes` in the same batches, set -> its share of the
+    # groups drawn (the rest are `shapes`'); e.g. {fairness: 0.25}: one task whose batches mix
+    # colour-free prompts with colour-named ones, scored by the task's rewards together
+    mix: dict[str, float] = field(default_factory=dict)
     # or a generated set for real images (rlds.data.generated): relations | occupations, with its
     # seen/unseen split (the unseen part is held out); generated_args: classes_file, relations, ...
     generated: Optional[str] = None

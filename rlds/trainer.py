@@ -21,7 +21,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from rlds.algo.advantages import PerPromptStatTracker, compute_advantages
 from rlds.checkpoint import complete_checkpoints, latest_checkpoint, read_checkpoint, save_checkpoint
 from rlds.config import Config, ConfigError, actor_threads, dump_config, task_list, validation_keys
-from rlds.data.prompts import prompt_list, prompt_source, validation_prompts
+from rlds.data.prompts import prompt_list, prompt_source, prompt_weights, validation_prompt_sets
 from rlds.distributed.learner import LearnerGroup
 from rlds.distributed.protocol import TrainingBatch, UpdateResult, ValidationResult
 from rlds.distributed.replay import ReplayStore, books, next_batch
@@ -31,7 +31,7 @@ from rlds.distributed.validation import (
     EarlyStopping,
     ValidationTask,
     Validator,
-    validation_set,
+    mixed_validation_set,
 )
 from rlds.distributed.weights import WeightStore
 from rlds.metrics import MetricsWriter, read_metrics, save_grid
@@ -114,7 +114,7 @@ class Trainer:
             [t.window(c.iterations) for t in self.tasks])
         self.pools = [[RewardPool(r, actor_threads(c, r.num_cpus)) for r in t.rewards] for t in self.tasks]
         first_ids = np.cumsum([0] + [len(p) for p in self.prompts])
-        self.sampler_tasks = [SamplerTask(t.name, p, t.images_per_prompt, pools, int(first), src)
+        self.sampler_tasks = [SamplerTask(t.name, p, t.images_per_prompt, pools, int(first), src, prompt_weights(t))
                               for t, p, pools, first, src in zip(self.tasks, self.prompts, self.pools, first_ids,
                                                                  self.sources)]
         self.learners = LearnerGroup(c, self.weights, start_iteration)
@@ -154,7 +154,8 @@ class Trainer:
 
     def _start_validator(self):
         c, v = self.config, self.config.validation
-        tasks = [ValidationTask(t.name, validation_set(validation_prompts(t), v.images_per_task, t.images_per_prompt),
+        tasks = [ValidationTask(t.name, mixed_validation_set(validation_prompt_sets(t), v.images_per_task,
+                                                             t.images_per_prompt),
                                 t.images_per_prompt, pools, {r.name: r.weight for r in t.rewards})
                  for t, pools in zip(self.tasks, self.pools)]
         return Validator.options(num_cpus=v.num_cpus, num_gpus=v.num_gpus).remote(c, tasks)

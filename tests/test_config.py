@@ -107,6 +107,30 @@ def test_prompts_come_from_exactly_one_source(tmp_path):
         load_config(write(tmp_path, "prompts: {shapes: colour}\nrewards: [{name: brightness}]\n"))
 
 
+def test_a_mix_draws_each_shapes_set_in_its_share_and_validates_each():
+    import numpy as np
+
+    from rlds.cli import CONFIG_DIR
+    from rlds.data.prompts import prompt_list, prompt_weights, validation_prompt_sets
+    from rlds.data.shapes import prompts_of
+    from rlds.distributed.validation import mixed_validation_set
+
+    nft = str(CONFIG_DIR / "shapes_nft.yaml")  # prompts: {shapes: composition}
+    c = load_config(nft, ("prompts.mix={fairness: 0.25}",))
+    prompts, weights = prompt_list(c), prompt_weights(c)
+    free = np.array([p in prompts_of("fairness", "train") for p in prompts])
+    assert len(prompts) == len(weights) and 0 < free.sum() < 0.1 * len(prompts)
+    np.testing.assert_allclose([weights[free].sum(), weights[~free].sum()], [0.25, 0.75])
+    picked = mixed_validation_set(validation_prompt_sets(c), 16, 4)
+    assert sum(p in prompts_of("fairness", "validation") for p in picked) == 4  # one group of 4
+    assert sum(p in prompts_of("composition", "validation") for p in picked) == 12
+    for bad, message in [("{fairness: 1.5}", "prompts.mix.fairness: a share"),
+                         ("{composition: 0.2}", "prompts.mix.composition: not a ShapesWorld set other"),
+                         ("{fairness: 0.6, quality: 0.5}", "add up to 1.1")]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(nft, (f"prompts.mix={bad}",))
+
+
 TASKS = """tasks:
   - {name: bright, prompts: {items: [a cat]}, rewards: [{name: brightness}], batch_size: 8}
   - name: varied

@@ -1,8 +1,12 @@
 """Prompt sources: an inline list, a text file (one prompt a line), a ShapesWorld task's set or a
-generated set for real images; and each task's validation split (its own list or file, or the set's)."""
+generated set for real images, or several ShapesWorld sets mixed by shares (`prompts.mix`); and each
+task's validation split (its own list or file, or the set's)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
+
+import numpy as np
 
 from rlds.config import ConfigError, PromptConfig
 from rlds.data.generated import KINDS, generated_args
@@ -22,6 +26,18 @@ def check_prompts(p: PromptConfig, key: str, fail, validation: bool = False) -> 
              f"({' or '.join(KINDS)}); got {given or 'none'}")
     if p.shapes and p.shapes not in TASKS:
         fail(f"{key}prompts.shapes", f"{p.shapes!r} is not one of {', '.join(TASKS)}")
+    if p.mix:
+        if not p.shapes:
+            fail(f"{key}prompts.mix", f"mixes ShapesWorld sets into {key}prompts.shapes; give that too")
+        for name, share in p.mix.items():
+            if name not in TASKS or name == p.shapes:
+                fail(f"{key}prompts.mix.{name}", f"not a ShapesWorld set other than {p.shapes!r} "
+                     f"(one of {', '.join(t for t in TASKS if t != p.shapes)})")
+            if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share < 1:
+                fail(f"{key}prompts.mix.{name}", f"a share of the groups drawn, in (0, 1); got {share!r}")
+        if sum(p.mix.values()) >= 1:
+            fail(f"{key}prompts.mix", f"the shares add up to {sum(p.mix.values())}, leaving "
+                 f"{key}prompts.shapes ({p.shapes}) none; keep their sum below 1")
     if p.generated and p.generated not in KINDS:
         fail(f"{key}prompts.generated", f"{p.generated!r} is not one of {', '.join(KINDS)}")
     if p.generated_args and not p.generated:
@@ -66,7 +82,7 @@ def prompt_list(task, limit: int = 4096) -> list[str]:
     streamed source, its first `limit` training prompts (what a benchmark or a check needs)."""
     p = task.prompts
     if p.shapes:
-        return training_prompts(p.shapes)
+        return [prompt for name, _ in _shapes_sets(p) for prompt in training_prompts(name)]
     source = prompt_source(task)
     prompts = first_prompts(source, "train", limit) if source else list(p.items)
     if not prompts:
@@ -74,17 +90,41 @@ def prompt_list(task, limit: int = 4096) -> list[str]:
     return prompts
 
 
+def prompt_weights(task) -> Optional[np.ndarray]:
+    """The probability of drawing each of `prompt_list(task)`'s prompts for a group: None (uniform)
+    unless `prompts.mix` gives sets their shares, each spread evenly over its own prompts."""
+    if not task.prompts.mix:
+        return None
+    weights = [np.full(len(training_prompts(name)), share / len(training_prompts(name)))
+               for name, share in _shapes_sets(task.prompts)]
+    return np.concatenate(weights)
+
+
+def validation_prompt_sets(task) -> list[tuple[list[str], float]]:
+    """A task's validation prompts as (prompts, share of the validation images) pairs: one pair,
+    or one for each set `prompts.mix` draws from, so that each is validated in its share."""
+    p = task.prompts
+    if p.mix:
+        return [(prompts_of(name, "validation"), share) for name, share in _shapes_sets(p)]
+    return [(validation_prompts(task), 1.0)]
+
+
 def validation_prompts(task) -> list[str]:
     """A task's validation split: never trained on, never the held-out evaluation's."""
     p = task.prompts
     if p.shapes:
-        return prompts_of(p.shapes, "validation")
+        return [prompt for name, _ in _shapes_sets(p) for prompt in prompts_of(name, "validation")]
     if p.generated or p.validation_share:
         return first_prompts(prompt_source(task), "validation", 1024)
     prompts = list(read_prompts(FileSource(p.validation_file))) if p.validation_file else list(p.validation_items)
     if not prompts:
         raise ConfigError(f"prompts: no validation prompts in {p.validation_file or 'prompts.validation_items'}")
     return prompts
+
+
+def _shapes_sets(p: PromptConfig) -> list[tuple[str, float]]:
+    """(ShapesWorld set, its share of the groups drawn): `shapes` takes what `mix` leaves."""
+    return [(p.shapes, 1.0 - sum(p.mix.values())), *p.mix.items()]
 
 
 def _args(p: PromptConfig):

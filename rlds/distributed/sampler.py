@@ -31,6 +31,7 @@ class SamplerTask:
     pools: list = field(default_factory=list)
     first_prompt_id: int = 0  # prompt ids run over all tasks' prompts (per-prompt statistics)
     source: Optional[FileSource | GeneratedSource] = None  # instead of `prompts`; ids: hashes of the text
+    weights: Optional[np.ndarray] = None  # each prompt's probability of being drawn (prompts.mix); None: uniform
 
 
 class SamplerLoop:
@@ -135,7 +136,9 @@ class SamplerLoop:
                                      self.batches_on_version])
         self.batches_on_version += 1
         if task.source is None:
-            local_ids = np.repeat(rng.integers(len(task.prompts), size=n // g), g)
+            drawn = (rng.integers(len(task.prompts), size=n // g) if task.weights is None else
+                     rng.choice(len(task.prompts), size=n // g, p=task.weights))
+            local_ids = np.repeat(drawn, g)
         stream = (self.start_iteration * 64 + self.incarnation % 64) * 4096 + self.index % 4096
         group_base = (stream << 24) + (self.batches * n) % (1 << 24)  # unique ids in a run
         group_ids = group_base + np.repeat(np.arange(n // g), g)

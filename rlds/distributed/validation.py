@@ -32,6 +32,15 @@ def validation_set(prompts: list[str], images: int, group: int) -> list[str]:
     return [p for p in picked for _ in range(group)]
 
 
+def mixed_validation_set(sets: list[tuple[list[str], float]], images: int, group: int) -> list[str]:
+    """`validation_set` of each (prompts, share) pair with its share of the images, at least one
+    group each when there are several, so that every set a task mixes is validated."""
+    if len(sets) == 1:
+        return validation_set(sets[0][0], images, group)
+    return [p for prompts, share in sets
+            for p in validation_set(prompts, max(group, round(images * share / group) * group), group)]
+
+
 @ray.remote
 class Validator:
     def __init__(self, config: Config, tasks: list[ValidationTask], device: str = "cpu"):
