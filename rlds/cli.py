@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-DEFAULT_CONFIG = "shapes_nft"  # ShapesWorld composition with DiffusionNFT, then the eval table
+DEFAULT_CONFIG = "shapes_mix_nft"  # ShapesWorld composition and fairness with DiffusionNFT, then the eval table
 BENCH_CONFIG = "tiny"  # a random-weight model: measures the system, not the model
 
 

@@ -21,7 +21,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from rlds.algo.advantages import PerPromptStatTracker, compute_advantages
 from rlds.checkpoint import complete_checkpoints, latest_checkpoint, read_checkpoint, save_checkpoint
 from rlds.config import Config, ConfigError, actor_threads, dump_config, task_list, validation_keys
-from rlds.data.prompts import prompt_list, prompt_source, prompt_weights, validation_prompt_sets
+from rlds.data.prompts import prompt_list, prompt_sets, prompt_source, prompt_weights, validation_prompt_sets
 from rlds.distributed.learner import LearnerGroup
 from rlds.distributed.protocol import TrainingBatch, UpdateResult, ValidationResult
 from rlds.distributed.replay import ReplayStore, books, next_batch
@@ -90,6 +90,7 @@ class Trainer:
             if source is not None:
                 prompt_list(task, limit=1)  # a source without training prompts fails here, naming it
         self.prompts = [[] if src else prompt_list(t) for t, src in zip(self.tasks, self.sources)]
+        self.prompt_sets = [None if prompt_sets(t) is None else np.array(prompt_sets(t)) for t in self.tasks]
         self.restarts = {"sampler": 0, "validator": 0, "learner": 0}
         self.samplers_left = 0  # samplers that went with their node: not failures
         self.last_checkpoint: Optional[Path] = None  # what a rebuilt learner group starts from
@@ -113,7 +114,7 @@ class Trainer:
             [t.batch_size for t in self.tasks], capacity, c.replay.max_staleness, c.ray.actor_timeout_s,
             [t.window(c.iterations) for t in self.tasks])
         self.pools = [[RewardPool(r, actor_threads(c, r.num_cpus)) for r in t.rewards] for t in self.tasks]
-        first_ids = np.cumsum([0] + [len(p) for p in self.prompts])
+        first_ids = self.first_prompt_ids = np.cumsum([0] + [len(p) for p in self.prompts])
         self.sampler_tasks = [SamplerTask(t.name, p, t.images_per_prompt, pools, int(first), src, prompt_weights(t))
                               for t, p, pools, first, src in zip(self.tasks, self.prompts, self.pools, first_ids,
                                                                  self.sources)]
@@ -286,6 +287,13 @@ class Trainer:
                 stats[f"{prefix}mean"] = float(np.mean(rewards[task_ids == t]))
             for r in task.rewards:
                 stats[f"{prefix}{r.name}/mean"] = float(np.mean(np.concatenate([p.scores[r.name] for p in parts])))
+            sets = self.prompt_sets[t]
+            if sets is not None:  # prompts.mix: each set's own figures, not diluted by the others'
+                of = sets[np.concatenate([p.prompt_ids for p in parts]) - self.first_prompt_ids[t]]
+                for name in np.unique(of):
+                    for r in task.rewards:
+                        scores = np.concatenate([p.scores[r.name] for p in parts])[of == name]
+                        stats[f"{prefix}{name}/{r.name}/mean"] = float(np.mean(scores))
             # what a run going wrong shows first: ties within groups, spread, washed-out or flat images
             mine = task_ids == t
             stats[f"{prefix}std"] = float(np.std(rewards[mine]))

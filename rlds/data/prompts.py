@@ -100,6 +100,14 @@ def prompt_weights(task) -> Optional[np.ndarray]:
     return np.concatenate(weights)
 
 
+def prompt_sets(task) -> Optional[list[str]]:
+    """The ShapesWorld set each of `prompt_list(task)`'s prompts comes from (`prompts.mix`), else None:
+    a mixed task's figures per set, since a reward that scores one set only is 0 on the others."""
+    if not task.prompts.mix:
+        return None
+    return [name for name, _ in _shapes_sets(task.prompts) for _ in training_prompts(name)]
+
+
 def validation_prompt_sets(task) -> list[tuple[list[str], float]]:
     """A task's validation prompts as (prompts, share of the validation images) pairs: one pair,
     or one for each set `prompts.mix` draws from, so that each is validated in its share."""
