@@ -111,4 +111,7 @@ def test_a_run_streams_its_shards_and_resumes_each_where_it_stopped(ray_local, t
     later = json.loads((run / "checkpoints" / "iter_000004" / "state.json").read_text())["prompt_positions"]
     before = {(i, t): (e, d) for i, t, e, d in saved["positions"]}
     after = {(i, t): (e, d) for i, t, e, d in later["positions"]}
-    assert all(after[k] > before[k] for k in before) and sum(d for _, _, _, d in later["positions"]) >= 32
+    # each shard goes on from where it stopped (a sampler that restarted its shard would be behind);
+    # which sampler made the resumed iterations' batches is the scheduler's choice, so one may not move
+    assert all(after[k] >= before[k] for k in before) and any(after[k] > before[k] for k in before)
+    assert sum(d for _, _, _, d in later["positions"]) >= 32
