@@ -90,7 +90,7 @@ class Trainer:
             if source is not None:
                 prompt_list(task, limit=1)  # a source without training prompts fails here, naming it
         self.prompts = [[] if src else prompt_list(t) for t, src in zip(self.tasks, self.sources)]
-        self.prompt_sets = [None if prompt_sets(t) is None else np.array(prompt_sets(t)) for t in self.tasks]
+        self.prompt_sets = [None if sets is None else np.array(sets) for sets in map(prompt_sets, self.tasks)]
         self.restarts = {"sampler": 0, "validator": 0, "learner": 0}
         self.samplers_left = 0  # samplers that went with their node: not failures
         self.last_checkpoint: Optional[Path] = None  # what a rebuilt learner group starts from
@@ -285,15 +285,13 @@ class Trainer:
             prefix = "reward/" if len(self.tasks) == 1 else f"reward/{task.name}/"
             if len(self.tasks) > 1:
                 stats[f"{prefix}mean"] = float(np.mean(rewards[task_ids == t]))
+            sets = self.prompt_sets[t]  # prompts.mix: each set's own figures too, not diluted by the others'
+            of = None if sets is None else sets[np.concatenate([p.prompt_ids for p in parts]) - self.first_prompt_ids[t]]
             for r in task.rewards:
-                stats[f"{prefix}{r.name}/mean"] = float(np.mean(np.concatenate([p.scores[r.name] for p in parts])))
-            sets = self.prompt_sets[t]
-            if sets is not None:  # prompts.mix: each set's own figures, not diluted by the others'
-                of = sets[np.concatenate([p.prompt_ids for p in parts]) - self.first_prompt_ids[t]]
-                for name in np.unique(of):
-                    for r in task.rewards:
-                        scores = np.concatenate([p.scores[r.name] for p in parts])[of == name]
-                        stats[f"{prefix}{name}/{r.name}/mean"] = float(np.mean(scores))
+                scores = np.concatenate([p.scores[r.name] for p in parts])
+                stats[f"{prefix}{r.name}/mean"] = float(np.mean(scores))
+                for name in [] if of is None else np.unique(of):
+                    stats[f"{prefix}{name}/{r.name}/mean"] = float(np.mean(scores[of == name]))
             # what a run going wrong shows first: ties within groups, spread, washed-out or flat images
             mine = task_ids == t
             stats[f"{prefix}std"] = float(np.std(rewards[mine]))
