@@ -202,6 +202,17 @@ def test_parity_colour_free_only_leaves_colour_named_groups_to_other_rewards():
     np.testing.assert_allclose(only_free[4:], 0.0)    # "a red circle" drawn red is not unfair
 
 
+def test_composition_colour_named_only_leaves_colour_free_groups_to_the_parity_reward():
+    rng = np.random.default_rng(9)
+    reds = np.stack([render(scene_for_prompt(Prompt((("red", "circle"),)), rng)) for _ in range(4)])
+    prompts = ["a circle", "a circle", "a red circle", "a red circle"]
+    plain = build_reward("shapes_composition", {})(reds, prompts, np.array([0, 0, 1, 1]))
+    named = build_reward("shapes_composition", {"colour_named_only": True})(reds, prompts, np.array([0, 0, 1, 1]))
+    assert (plain > 0.5).all()
+    np.testing.assert_allclose(named[:2], 0.0)       # "a circle" is left to fairness
+    np.testing.assert_allclose(named[2:], plain[2:])  # a named colour is scored as before
+
+
 def test_quality_ranks_render_above_noisy_render_above_noise():
     rng = np.random.default_rng(6)
     quality = ShapesQuality()

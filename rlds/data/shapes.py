@@ -65,6 +65,10 @@ class Prompt:
     relation: Optional[str] = None
 
     @property
+    def names_colour(self) -> bool:
+        return any(c is not None for c, _ in self.objects)
+
+    @property
     def text(self) -> str:
         nps = [f"a {c} {s}" if c else f"a {s}" for c, s in self.objects]
         return nps[0] if self.relation is None else f"{nps[0]} {RELATIONS[self.relation]} {nps[1]}"
