@@ -200,7 +200,7 @@ class ShapesComposition(ImageReward):
     `colour_named_only` scores 0 for a prompt that names no colour (the mirror of ShapesParity's
     `colour_free_only`). On "a circle" the detector is surest of the shapes the base draws best, its
     red ones (CFG-free base samples: red 0.60, green 0.51, blue 0.50), so in a task that mixes
-    colour-free groups under the parity reward it pulls those groups back to red.
+    colour-free groups under the parity reward it can pull those groups back to red.
     """
 
     min_image_size = SIZE  # calibrated on the renderer's images: smaller shapes fall under the size term
