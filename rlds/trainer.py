@@ -35,7 +35,7 @@ from rlds.distributed.validation import (
 )
 from rlds.distributed.weights import WeightStore
 from rlds.metrics import MetricsWriter, read_metrics, save_grid
-from rlds.stats import group_diagnostics, timer
+from rlds.stats import FirstDrawBaseline, group_diagnostics, timer
 
 log = logging.getLogger("rlds")
 MAX_SAMPLER_RESTARTS = 3
@@ -283,17 +283,30 @@ class Trainer:
             if not parts:  # outside the task's iterations
                 continue
             prefix = "reward/" if len(self.tasks) == 1 else f"reward/{task.name}/"
+            mine = task_ids == t
+            prompt_ids, group_ids = batch.prompt_ids[mine], batch.group_ids[mine]
             if len(self.tasks) > 1:
-                stats[f"{prefix}mean"] = float(np.mean(rewards[task_ids == t]))
+                stats[f"{prefix}mean"] = float(np.mean(rewards[mine]))
+            gains = self.first_draws.gains(f"task {task.name}", rewards[mine], prompt_ids, group_ids)
+            if len(gains):
+                stats[f"{prefix}gain"] = float(np.mean(gains))
             sets = self.prompt_sets[t]  # prompts.mix: each set's own figures too, not diluted by the others'
             of = None if sets is None else sets[np.concatenate([p.prompt_ids for p in parts]) - self.first_prompt_ids[t]]
             for r in task.rewards:
                 scores = np.concatenate([p.scores[r.name] for p in parts])
                 stats[f"{prefix}{r.name}/mean"] = float(np.mean(scores))
-                for name in [] if of is None else np.unique(of):
-                    stats[f"{prefix}{name}/{r.name}/mean"] = float(np.mean(scores[of == name]))
+                # /gain: the reward's rise on prompts drawn before (stats.FirstDrawBaseline), per set too
+                gains = []
+                for name in [None] if of is None else np.unique(of):
+                    in_set = slice(None) if name is None else of == name
+                    if name is not None:
+                        stats[f"{prefix}{name}/{r.name}/mean"] = float(np.mean(scores[in_set]))
+                    gains.append(self.first_draws.gains(r.name, scores[in_set], prompt_ids[in_set], group_ids[in_set]))
+                    if name is not None and len(gains[-1]):
+                        stats[f"{prefix}{name}/{r.name}/gain"] = float(np.mean(gains[-1]))
+                if sum(map(len, gains)):
+                    stats[f"{prefix}{r.name}/gain"] = float(np.mean(np.concatenate(gains)))
             # what a run going wrong shows first: ties within groups, spread, washed-out or flat images
-            mine = task_ids == t
             stats[f"{prefix}std"] = float(np.std(rewards[mine]))
             if task.images_per_prompt > 1:
                 for key, value in group_diagnostics(rewards[mine], batch.group_ids[mine]).items():
@@ -325,6 +338,7 @@ class Trainer:
         trainable, optimizer = ray.get(self.learners.state(), timeout=self.config.ray.actor_timeout_s)
         positions = [[i, t, *pos] for (i, t), pos in sorted(self.prompt_positions.items())]
         state = {"iteration": iteration, "samples": samples, "tracker": self.tracker.state_dict(),
+                 "first_draws": self.first_draws.state_dict(),
                  "prompt_positions": {"samplers": self.config.sampler.max_workers, "positions": positions}}
         self.last_checkpoint = save_checkpoint(run_dir / "checkpoints" / f"iter_{iteration:06d}", trainable,
                                                optimizer, state)
@@ -387,6 +401,7 @@ class Trainer:
         run_dir = make_run_dir(c)
         dump_config(c, run_dir / "config.yaml")
         self.tracker = PerPromptStatTracker(c.algo.per_prompt_buffer, c.algo.per_prompt_min_count)
+        self.first_draws = FirstDrawBaseline()
         start, samples, state = 0, 0, None
         resume = latest_checkpoint(run_dir) if c.resume == "auto" else c.resume
         if c.resume == "auto":
@@ -395,6 +410,7 @@ class Trainer:
             trainable, optimizer, meta = read_checkpoint(resume)
             start, samples = meta["iteration"], meta["samples"]
             self.tracker.load_state_dict(meta.get("tracker", {}))
+            self.first_draws.load_state_dict(meta.get("first_draws", {}))
             self.last_checkpoint = Path(resume)
             self._load_prompt_positions(meta.get("prompt_positions"))
             state = (trainable, optimizer)

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -84,6 +86,27 @@ def test_every_registry_rejects_what_it_does_not_know():
         compute_advantages(np.ones(2), "grouped", 10, np.zeros(2))
     with pytest.raises(ValueError, match="need a PerPromptStatTracker"):
         compute_advantages(np.ones(2), "per_prompt", 10, np.zeros(2))
+
+
+def test_first_draw_baseline_takes_the_prompt_draw_out_of_a_rising_reward():
+    """An easy prompt (0.8) and a hard one (0.2) drawn in a changing mix: the raw mean follows the
+    mix, the gain follows the policy (the same reward on every prompt's later draws: gain 0; 0.1
+    better: gain 0.1)."""
+    from rlds.stats import FirstDrawBaseline
+
+    baseline = FirstDrawBaseline()
+    ids, groups = np.array([0, 0, 1, 1]), np.array([0, 0, 1, 1])
+    assert len(baseline.gains("r", np.array([0.8, 0.8, 0.2, 0.2]), ids, groups)) == 0  # first draws
+    hard_only = baseline.gains("r", np.array([0.2, 0.2, 0.2, 0.2]), np.array([1, 1, 1, 1]), groups)
+    np.testing.assert_allclose(hard_only, [0.0, 0.0])  # the raw mean fell from 0.5 to 0.2
+    np.testing.assert_allclose(baseline.gains("r", np.array([0.9, 0.9, 0.3, 0.3]), ids, groups), [0.1, 0.1])
+    assert len(baseline.gains("other reward", np.array([0.9, 0.9]), np.array([0, 0]), np.array([0, 0]))) == 0
+    restored = FirstDrawBaseline()
+    restored.load_state_dict(json.loads(json.dumps(baseline.state_dict())))
+    np.testing.assert_allclose(restored.gains("r", np.array([1.0]), np.array([0]), np.array([7])), [0.2])
+    capped = FirstDrawBaseline(max_entries=1)
+    capped.gains("r", np.array([0.5, 0.5]), np.array([0, 1]), np.array([0, 1]))
+    assert list(capped.first) == ["r|0"]
 
 
 def test_group_diagnostics_and_image_statistics():

@@ -370,6 +370,9 @@ def test_joint_training_keeps_each_tasks_rewards_and_advantages_apart(ray_local,
     # what shows a run going wrong: ties within groups, spread, image statistics, per task
     assert all(0 <= r["reward/varied/zero_std_groups"] <= 1 and r["reward/bright/std"] >= 0 for r in rows)
     assert all(0 < r["images/bright/brightness"] < 1 and r["images/varied/contrast"] >= 0 for r in rows)
+    # one prompt in groups of one: from its second image on, every group reports its gain over the first
+    assert all(np.isfinite(r["reward/bright/gain"]) and np.isfinite(r["reward/bright/brightness/gain"]) for r in rows)
+    assert not any("reward/varied/brightness/gain" in r for r in rows)
     # two sets of moments, each stepped by its own task only (K = 2 steps a task and iteration; shared: 12)
     with safe_open(str(tmp_path / "run" / "checkpoints" / "iter_000003" / "optimizer.safetensors"), "pt") as f:
         steps = {key.split("/")[0]: f.get_tensor(key).item() for key in f.keys() if key.endswith(".step")}
