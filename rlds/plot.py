@@ -1,7 +1,8 @@
 """`rlds plot`: the curves of one or more runs, side by side against samples and against minutes.
 
-One row per figure (each task's training reward, each validation score that some run logged), one
-line per run, coloured by the run's config name, so seeds of a recipe read as one band.
+One row per figure (each task's training reward and its gain over each prompt's first draw, each
+validation score that some run logged), one line per run, coloured by the run's config name, so
+seeds of a recipe read as one band.
 """
 from __future__ import annotations
 
@@ -22,12 +23,12 @@ def _series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray, np.ndar
 
 def curve_keys(runs: list[tuple[list[dict], dict]]) -> list[str]:
     """The figures to draw, from each (rows, config): the training reward's mean (each task's, when
-    the config has tasks), then the validation scores of the same."""
+    the config has tasks), its gain over each prompt's first draw, then the validation scores."""
     keys: dict[str, None] = {}
-    for prefix in ("reward/", "val/"):
+    for prefix, figure in (("reward/", "mean"), ("reward/", "gain"), ("val/", "mean")):
         for rows, config in runs:
             tasks = [t["name"] for t in config.get("tasks") or []]
-            for key in [f"{prefix}{t}/mean" for t in tasks] if tasks else [f"{prefix}mean"]:
+            for key in [f"{prefix}{t}/{figure}" for t in tasks] if tasks else [f"{prefix}{figure}"]:
                 if any(key in r for r in rows):
                     keys[key] = None
     return list(keys)

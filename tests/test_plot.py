@@ -15,6 +15,8 @@ def fake_run(path, name, tasks, iterations=6, every=3):
     rows = []
     for i in range(1, iterations + 1):
         row = {"iteration": i, "samples": 8 * i, "time/iteration_s": 2.0, "reward/mean": 0.1 * i}
+        if i > 1 and not tasks:
+            row["reward/gain"] = 0.01 * i
         for t in tasks:
             row[f"reward/{t}/mean"] = 0.1 * i
             row[f"reward/{t}/shapes_composition/mean"] = 0.1 * i  # a reward's figure, not a curve of its own
@@ -30,8 +32,8 @@ def test_plot_draws_each_tasks_reward_and_validation_for_every_run(tmp_path):
     joint = fake_run(tmp_path / "b", "joint", ["composition", "quality"])
     runs = [(read_metrics(d / "metrics.jsonl"), yaml.safe_load((d / "config.yaml").read_text()))
             for d in (single, joint)]
-    assert curve_keys(runs) == ["reward/mean", "reward/composition/mean", "reward/quality/mean", "val/mean",
-                                "val/composition/mean", "val/quality/mean"]
+    assert curve_keys(runs) == ["reward/mean", "reward/composition/mean", "reward/quality/mean", "reward/gain",
+                                "val/mean", "val/composition/mean", "val/quality/mean"]
     out = tmp_path / "curves.png"
     assert main(["plot", str(single), str(joint), "--out", str(out)]) == 0
     assert out.is_file() and out.stat().st_size > 10_000
