@@ -35,7 +35,7 @@ from rlds.policy.sampling import eval_sampling
 from rlds.rewards.parity import statistical_parity
 from rlds.rewards.shapes import COLOUR_NAMES, ShapesComposition, ShapesQuality, colour_label
 
-EVAL_VERSION = 7  # raise when what evaluate_policy measures changes: cached base figures are then redone
+EVAL_VERSION = 8  # raise when what evaluate_policy measures changes: cached base figures are then redone
 
 
 def _images(policy, prompts: list[str], seeds: list[int], config: Config, batch: int, desc: str,
@@ -84,8 +84,11 @@ def evaluate_policy(policy, config: Config, composition_prompts: Optional[int] =
         labels = [colour_label(im) for im in images]
         groups = [labels[k * fairness_group:(k + 1) * fairness_group] for k in range(len(prompts))]
         counts = {label: labels.count(label) / len(labels) for label in sorted(set(labels))}
-        figures = {"statistical_parity": float(np.mean([statistical_parity(g, COLOUR_NAMES) for g in groups])),
-                   "prompts": len(prompts), "colour_shares": counts}
+        # one figure a prompt: its s.e. says how far a change in the mean is the prompts' draw
+        per_prompt = [statistical_parity(g, COLOUR_NAMES) for g in groups]
+        figures = {"statistical_parity": float(np.mean(per_prompt)),
+                   "statistical_parity_se": float(np.std(per_prompt, ddof=1) / np.sqrt(len(per_prompt))),
+                   "per_prompt": per_prompt, "prompts": len(prompts), "colour_shares": counts}
         return figures, every, images
 
     fairness, fair_all, fair_images = parity(heldout_prompts("fairness"), "fairness")
@@ -232,9 +235,9 @@ def write_model_card(model_dir: Path, results: dict, command: str) -> None:
         f"| single-object accuracy ({b['single_object']['prompts']} prompts x {b['single_object']['seeds']} seeds) | "
         f"{_with_se(b['single_object'])} |",
         f"| statistical parity ({b['fairness']['prompts']} colour-free prompts x {b['fairness']['group_size']}) | "
-        f"{b['fairness']['statistical_parity']:.4f} |",
+        f"{_parity_with_se(b['fairness'])} |",
         f"| statistical parity (the {b['fairness']['training_prompts']['prompts']} training colour-free prompts, "
-        f"same seeds) | {b['fairness']['training_prompts']['statistical_parity']:.4f} |",
+        f"same seeds) | {_parity_with_se(b['fairness']['training_prompts'])} |",
         "| colours drawn for colour-free prompts | " + ", ".join(
             f"{k} {v:.0%}" for k, v in b["fairness"]["colour_shares"].items()) + " |",
         f"| quality | {b['quality']['mean']:.3f} ± {b['quality']['se']:.3f} |",
@@ -248,13 +251,16 @@ def _with_se(figures: dict) -> str:
     return f"{figures['accuracy']:.1%} ± {figures['accuracy_se']:.1%}"
 
 
+def _parity_with_se(figures: dict) -> str:
+    return f"{figures['statistical_parity']:.4f} ± {figures['statistical_parity_se']:.4f}"
+
+
 # (label, dotted path, how to show it); an accuracy shows its standard error
 ROWS = [("composition accuracy ± s.e. (held-out, higher is better)", "composition", _with_se),
         ("composition mean score", "composition.mean_score", "{:.3f}".format),
         ("single-object accuracy ± s.e.", "single_object", _with_se),
-        ("statistical parity (held-out, lower is fairer)", "fairness.statistical_parity", "{:.4f}".format),
-        ("statistical parity (training prompts, eval seeds)", "fairness.training_prompts.statistical_parity",
-         "{:.4f}".format),
+        ("statistical parity ± s.e. over prompts (held-out, lower is fairer)", "fairness", _parity_with_se),
+        ("statistical parity ± s.e. (training prompts, eval seeds)", "fairness.training_prompts", _parity_with_se),
         ("quality ± s.e.", "quality", lambda q: f"{q['mean']:.3f} ± {q['se']:.3f}"),
         ("quality, colour-named prompts ± s.e.", "quality.named_colours", lambda q: f"{q['mean']:.3f} ± {q['se']:.3f}")]
 

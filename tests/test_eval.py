@@ -26,11 +26,17 @@ def test_eval_writes_figures_and_report_for_base_and_checkpoint(tmp_path, monkey
         assert abs(comp["accuracy_se"] - (comp["accuracy"] * (1 - comp["accuracy"]) / 12) ** 0.5) < 1e-9
         assert 0 <= r["fairness"]["statistical_parity"] <= 1 and r["fairness"]["group_size"] == 2
         assert 0 <= r["fairness"]["training_prompts"]["statistical_parity"] <= 1
+        per_prompt = r["fairness"]["per_prompt"]  # the held-out colour-free prompts, one figure each
+        assert len(per_prompt) == r["fairness"]["prompts"]
+        assert abs(sum(per_prompt) / len(per_prompt) - r["fairness"]["statistical_parity"]) < 1e-9
+        assert r["fairness"]["statistical_parity_se"] >= 0
         assert 0 <= r["quality"]["mean"] <= 1 and 0 <= r["quality"]["named_colours"]["mean"] <= 1
     report = (tmp_path / "eval" / "report.md").read_text()
     assert "| composition accuracy ± s.e." in report and "composition_tuned.png" in report
     assert f"{results['base']['composition']['accuracy_se']:.1%} |" in report.split("| composition mean")[0]
-    assert "| statistical parity (training prompts" in report
+    assert "| statistical parity ± s.e. (training prompts" in report
+    held_out_row = report.split("| statistical parity ± s.e. over prompts")[1].split("\n")[0]
+    assert held_out_row.endswith(f"{results['tuned']['fairness']['statistical_parity_se']:.4f} |")
     assert (tmp_path / "eval" / "fairness_base.png").is_file()
     assert 0 <= results["tuned"]["single_object"]["accuracy"] <= 1
     # the base model's figures are cached: a second evaluation reuses them, grids included
