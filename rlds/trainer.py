@@ -309,8 +309,12 @@ class Trainer:
             # what a run going wrong shows first: ties within groups, spread, washed-out or flat images
             stats[f"{prefix}std"] = float(np.std(rewards[mine]))
             if task.images_per_prompt > 1:
-                for key, value in group_diagnostics(rewards[mine], batch.group_ids[mine]).items():
+                for key, value in group_diagnostics(rewards[mine], group_ids).items():
                     stats[f"{prefix}{key}"] = value
+                # a set whose groups all tie (a colour-free prompt drawn in one colour only) learns nothing
+                for name in [] if of is None else np.unique(of):
+                    for key, value in group_diagnostics(rewards[mine][of == name], group_ids[of == name]).items():
+                        stats[f"{prefix}{name}/{key}"] = value
             for key in parts[0].image_stats:
                 stats[f"images/{task.name}/{key}" if len(self.tasks) > 1 else f"images/{key}"] = float(
                     np.mean(np.concatenate([p.image_stats[key] for p in parts])))

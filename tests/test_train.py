@@ -425,6 +425,24 @@ def test_a_forward_process_objective_trains_cfg_free_on_x0_alone(ray_local, tiny
     assert rows[0]["kl"] == 0 and rows[-1]["kl"] > 0  # the first update starts at the reference
 
 
+def test_a_mixed_task_reports_each_sets_rewards_and_ties(ray_local, tiny_config, tmp_path):
+    """prompts.mix: colour-named and colour-free ShapesWorld prompts in one task, each reward scoring
+    its own set; every figure a run going wrong shows comes per set too."""
+    rewards = ("rewards=[{name: shapes_composition, num_cpus: 0.25, args: {colour_named_only: true}}, "
+               "{name: shapes_parity, num_cpus: 0.25, args: {colour_free_only: true}}]")
+    config = tiny_config(f"run_dir={tmp_path}", "iterations=3", "prompts.items=[]", "prompts.shapes=composition",
+                         "prompts.mix={fairness: 0.5}", "sampler.images_per_prompt=2", "model.source=shapes", rewards)
+    Trainer(config, progress=False).run()
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    fair = [r for r in rows if "reward/fairness/shapes_parity/mean" in r]
+    named = [r for r in rows if "reward/composition/shapes_composition/mean" in r]
+    assert fair and named
+    assert all(r["reward/fairness/shapes_composition/mean"] == 0 for r in fair)  # not its set
+    assert all(r["reward/composition/shapes_parity/mean"] == 0 for r in named)
+    assert all(0 <= r["reward/fairness/zero_std_groups"] <= 1 and r["reward/fairness/group_std"] >= 0 for r in fair)
+    assert all(0 <= r["reward/composition/zero_std_groups"] <= 1 for r in named)
+
+
 def test_validation_scores_its_own_prompts_and_a_rule_stops_the_run(ray_local, tiny_config, tmp_path):
     """Validation every 2 iterations on prompts training never sees; a stop rule that the second
     validation cannot meet ends the run after its figures come in, with a checkpoint there."""
