@@ -89,6 +89,10 @@ class PromptConfig:
     # groups drawn (the rest are `shapes`'); e.g. {fairness: 0.25}: one task whose batches mix
     # colour-free prompts with colour-named ones, scored by the task's rewards together
     mix: dict[str, float] = field(default_factory=dict)
+    # a ShapesWorld set (prompts.shapes or one of prompts.mix) -> the guidance scale its training
+    # groups are sampled at, where it differs from sampling.guidance_scale; e.g. {fairness: 4.0}:
+    # colour-free groups sampled as the model is used (nearly all red at the base), the rest CFG-free
+    guidance_scale_by_set: dict[str, float] = field(default_factory=dict)
     # or a generated set for real images (rlds.data.generated): relations | occupations, with its
     # seen/unseen split (the unseen part is held out); generated_args: classes_file, relations, ...
     generated: Optional[str] = None

@@ -111,7 +111,7 @@ def test_a_mix_draws_each_shapes_set_in_its_share_and_validates_each():
     import numpy as np
 
     from rlds.cli import CONFIG_DIR
-    from rlds.data.prompts import prompt_list, prompt_weights, validation_prompt_sets
+    from rlds.data.prompts import prompt_guidance_scales, prompt_list, prompt_weights, validation_prompt_sets
     from rlds.data.shapes import prompts_of
     from rlds.distributed.validation import mixed_validation_set
 
@@ -124,6 +124,14 @@ def test_a_mix_draws_each_shapes_set_in_its_share_and_validates_each():
     picked = mixed_validation_set(validation_prompt_sets(c), 16, 4)
     assert sum(p in prompts_of("fairness", "validation") for p in picked) == 4  # one group of 4
     assert sum(p in prompts_of("composition", "validation") for p in picked) == 12
+    scales = prompt_guidance_scales(load_config(nft, ("prompts.mix={fairness: 0.25}",
+                                                      "prompts.guidance_scale_by_set={fairness: 4}")), 1.0)
+    np.testing.assert_array_equal(scales, np.where(free, 4.0, 1.0))
+    assert prompt_guidance_scales(c, 1.0) is None
+    for bad, message in [("{quality: 4}", "guidance_scale_by_set.quality: not a ShapesWorld set this task draws"),
+                         ("{fairness: 0.5}", "guidance_scale_by_set.fairness: a guidance scale, 1")]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(nft, ("prompts.mix={fairness: 0.25}", f"prompts.guidance_scale_by_set={bad}"))
     for bad, message in [("{fairness: 1.5}", "prompts.mix.fairness: a share"),
                          ("{composition: 0.2}", "prompts.mix.composition: not a ShapesWorld set other"),
                          ("{fairness: 0.6, quality: 0.5}", "add up to 1.1")]:

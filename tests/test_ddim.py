@@ -94,6 +94,22 @@ def test_under_bfloat16_autocast_on_a_cpu_the_learner_still_recomputes_the_sampl
                            torch.from_numpy(bf16.log_probs[:, step]))
 
 
+def test_each_chain_is_sampled_at_its_own_guidance_scale_and_its_log_probs_recomputed_to_the_bit():
+    """A mixed task's sets sampled at their own scales (prompts.guidance_scale_by_set) in one batch:
+    each chain is the chain its scale gives (up to the batch's rounding, far from the other scale's),
+    and the learner, calling the UNet with the same layout, recomputes every log-prob exactly."""
+    policy = load_policy(ModelConfig())
+    cfg, prompts, seeds = SamplingConfig(num_steps=4, guidance_scale=1.0), ["a red circle", "a cat", "a dog"], [0, 1, 2]
+    mixed = sample_trajectories(policy, prompts, cfg, seeds=seeds, guidance_scale=[1.0, 3.0, 1.0])
+    guided = sample_trajectories(policy, prompts, cfg, seeds=seeds, guidance_scale=3.0).latents
+    plain = sample_trajectories(policy, prompts, cfg, seeds=seeds).latents
+    np.testing.assert_array_equal(mixed.guidance_scale, [1.0, 3.0, 1.0])
+    for i, (same, other) in enumerate([(plain, guided), (guided, plain), (plain, guided)]):
+        assert np.abs(mixed.latents[i] - same[i]).max() < 1e-3 * np.abs(mixed.latents[i] - other[i]).max()
+    for step in range(4):
+        assert torch.equal(step_log_prob(policy, mixed, step).detach(), torch.from_numpy(mixed.log_probs[:, step]))
+
+
 def test_first_ratio_is_exactly_one_and_positive_advantage_raises_logprob():
     torch.manual_seed(0)
     policy = load_policy(ModelConfig())

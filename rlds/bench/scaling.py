@@ -91,7 +91,7 @@ class ModelledSampler(SamplerLoop):
         self.weights = np.array(flat)  # stands in for load_flat_trainable (a copy, as on a GPU)
         return False
 
-    def make_trajectory(self, prompts, prompt_ids, seeds, sample_ids, start_seeds=None):
+    def make_trajectory(self, prompts, prompt_ids, seeds, sample_ids, start_seeds=None, guidance_scales=None):
         time.sleep(self.sample_cost_s)  # the modelled UNet: num_steps guided DDIM steps
         n, rng = len(prompts), np.random.default_rng(int(seeds[0]))
         return Trajectory(
@@ -101,7 +101,7 @@ class ModelledSampler(SamplerLoop):
             prompt_embeds=np.zeros((n, 4, 8), np.float32), negative_embeds=np.zeros((1, 4, 8), np.float32),
             images=rng.integers(0, 255, size=(n, 8, 8, 3), dtype=np.uint8), prompts=prompts,
             prompt_ids=prompt_ids, sample_ids=sample_ids, policy_version=self.version,
-            guidance_scale=1.0, step_etas=np.ones(self.num_steps, np.float32))
+            guidance_scale=np.ones(n, np.float32), step_etas=np.ones(self.num_steps, np.float32))
 
 
 @ray.remote(num_cpus=0)

@@ -38,6 +38,13 @@ def check_prompts(p: PromptConfig, key: str, fail, validation: bool = False) -> 
         if sum(p.mix.values()) >= 1:
             fail(f"{key}prompts.mix", f"the shares add up to {sum(p.mix.values())}, leaving "
                  f"{key}prompts.shapes ({p.shapes}) none; keep their sum below 1")
+    drawn = [name for name, _ in _shapes_sets(p)] if p.shapes else []
+    for name, scale in p.guidance_scale_by_set.items():
+        if name not in drawn:
+            fail(f"{key}prompts.guidance_scale_by_set.{name}", "not a ShapesWorld set this task draws "
+                 f"({key}prompts.shapes or one of {key}prompts.mix)")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale < 1:
+            fail(f"{key}prompts.guidance_scale_by_set.{name}", f"a guidance scale, 1 (none) or more; got {scale!r}")
     if p.generated and p.generated not in KINDS:
         fail(f"{key}prompts.generated", f"{p.generated!r} is not one of {', '.join(KINDS)}")
     if p.generated_args and not p.generated:
@@ -106,6 +113,16 @@ def prompt_sets(task) -> Optional[list[str]]:
     if not task.prompts.mix:
         return None
     return [name for name, _ in _shapes_sets(task.prompts) for _ in training_prompts(name)]
+
+
+def prompt_guidance_scales(task, default: float) -> Optional[np.ndarray]:
+    """The guidance scale each of `prompt_list(task)`'s prompts is sampled at in training: None (all
+    at `default`, sampling.guidance_scale) unless `prompts.guidance_scale_by_set` names a set."""
+    by_set = task.prompts.guidance_scale_by_set
+    if not by_set:
+        return None
+    return np.array([float(by_set.get(name, default)) for name, _ in _shapes_sets(task.prompts)
+                     for _ in training_prompts(name)], np.float32)
 
 
 def validation_prompt_sets(task) -> list[tuple[list[str], float]]:

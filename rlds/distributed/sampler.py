@@ -32,6 +32,8 @@ class SamplerTask:
     first_prompt_id: int = 0  # prompt ids run over all tasks' prompts (per-prompt statistics)
     source: Optional[FileSource | GeneratedSource] = None  # instead of `prompts`; ids: hashes of the text
     weights: Optional[np.ndarray] = None  # each prompt's probability of being drawn (prompts.mix); None: uniform
+    # each prompt's training guidance scale (prompts.guidance_scale_by_set); None: sampling.guidance_scale
+    guidance_scales: Optional[np.ndarray] = None
 
 
 class SamplerLoop:
@@ -79,7 +81,9 @@ class SamplerLoop:
     def node(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
-    def make_trajectory(self, prompts: list[str], prompt_ids, seeds, sample_ids, start_seeds=None):
+    def make_trajectory(self, prompts: list[str], prompt_ids, seeds, sample_ids, start_seeds=None,
+                        guidance_scales=None):
+        """`guidance_scales`: each chain's [B], or None for sampling.guidance_scale."""
         raise NotImplementedError
 
     def load_weights(self, flat: np.ndarray) -> bool:
@@ -150,7 +154,8 @@ class SamplerLoop:
             prompt_ids = np.array([prompt_id(text) for text in prompts], np.int64)
         else:
             prompts, prompt_ids = [task.prompts[i] for i in local_ids], task.first_prompt_id + local_ids
-        traj = self.make_trajectory(prompts, prompt_ids, seeds, group_base + np.arange(n), start_seeds)
+        scales = None if task.guidance_scales is None else task.guidance_scales[local_ids]
+        traj = self.make_trajectory(prompts, prompt_ids, seeds, group_base + np.arange(n), start_seeds, scales)
         images = ray.put(traj.images)  # a top-level argument: each reward actor receives the array
         scores = {pool.name: pool.score(images, traj.prompts, group_ids, self.batches + self.index)
                   for pool in task.pools}
@@ -187,10 +192,10 @@ class SamplerActor(SamplerLoop):
         # On CPU the weights stay in shared memory (a slot or the object store): no copy per sampler.
         return load_flat_trainable(self.policy.unet, flat, share=True)
 
-    def make_trajectory(self, prompts, prompt_ids, seeds, sample_ids, start_seeds=None):
+    def make_trajectory(self, prompts, prompt_ids, seeds, sample_ids, start_seeds=None, guidance_scales=None):
         from rlds.policy import sample_trajectories
 
         return sample_trajectories(self.policy, prompts, self.config.sampling, seeds=seeds,
                                    policy_version=self.version, prompt_ids=prompt_ids,
                                    sample_ids=sample_ids, dtype=self.dtype, keep_chain=self.keep_chain,
-                                   start_seeds=start_seeds)
+                                   start_seeds=start_seeds, guidance_scale=guidance_scales)

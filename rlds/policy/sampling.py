@@ -31,7 +31,7 @@ class Trajectory:
     prompt_ids: np.ndarray  # [B] int64, index into the run's prompt list
     sample_ids: np.ndarray  # [B] int64, unique in the run
     policy_version: int
-    guidance_scale: float
+    guidance_scale: np.ndarray  # [B] float32: each chain's classifier-free guidance scale (1: none)
     step_etas: np.ndarray  # [T] float32: each step's eta (0: a deterministic step, never trained by PPO)
 
     def __len__(self) -> int:
@@ -71,18 +71,28 @@ def encode_prompts(policy: Policy, prompts: list[str], grad: bool = False) -> to
 
 
 def guided_noise(policy: Policy, x: torch.Tensor, t, cond: torch.Tensor, uncond: torch.Tensor,
-                 guidance_scale: float) -> torch.Tensor:
-    """The UNet's output (epsilon, or v) with classifier-free guidance, in one batched call: x [B, C, H, W],
-    cond [B, L, D], uncond [1, L, D] -> [B, C, H, W] float32."""
-    if guidance_scale == 1.0:
-        return policy.unet(x, t, encoder_hidden_states=cond).sample.float()
+                 guidance_scale) -> torch.Tensor:
+    """The UNet's output (epsilon, or v) with classifier-free guidance: x [B, C, H, W], cond [B, L, D],
+    uncond [1, L, D] -> [B, C, H, W] float32. `guidance_scale` is one scale or each sample's [B]; the
+    guided samples go through one batched call of both branches, the unguided ones (scale 1) through
+    one of the conditional branch only, so a batch's layout fixes its output to the bit."""
     b = x.shape[0]
+    scale = (guidance_scale if torch.is_tensor(guidance_scale) else
+             torch.as_tensor(np.asarray(guidance_scale, np.float32), device=x.device)).reshape(-1).expand(b)
+    guided = scale != 1.0
+    per_sample_t = torch.is_tensor(t) and t.ndim == 1  # one timestep per sample (the forward-process objectives)
+    if not guided.any():
+        return policy.unet(x, t, encoder_hidden_states=cond).sample.float()
+    if not guided.all():
+        plain, rest = (guided_noise(policy, x[rows], t[rows] if per_sample_t else t, cond[rows], uncond, scale[rows])
+                       for rows in (~guided, guided))
+        out = plain.new_empty((b,) + plain.shape[1:])
+        out[~guided], out[guided] = plain, rest
+        return out
     emb = torch.cat([uncond.expand(b, -1, -1), cond])
-    if torch.is_tensor(t) and t.ndim == 1:  # one timestep per sample (the forward-process objectives)
-        t = torch.cat([t, t])
-    out = policy.unet(torch.cat([x, x]), t, encoder_hidden_states=emb).sample.float()
+    out = policy.unet(torch.cat([x, x]), torch.cat([t, t]) if per_sample_t else t, encoder_hidden_states=emb).sample.float()
     out_uncond, out_cond = out.chunk(2)
-    return out_uncond + guidance_scale * (out_cond - out_uncond)
+    return out_uncond + scale.view(-1, *[1] * (out.ndim - 1)) * (out_cond - out_uncond)
 
 
 @torch.no_grad()
@@ -98,11 +108,12 @@ def decode_images(policy: Policy, x0: torch.Tensor) -> np.ndarray:
 def sample_trajectories(policy: Policy, prompts: list[str], cfg: SamplingConfig, seeds,
                         policy_version: int = 0, prompt_ids=None, sample_ids=None,
                         dtype: torch.dtype = torch.float32, keep_chain: bool = True,
-                        guidance_scale: float | None = None, start_seeds=None) -> Trajectory:
+                        guidance_scale=None, start_seeds=None) -> Trajectory:
     """One chain per prompt; chain i draws all its noise from `seeds[i]`, or its x_T from
     `start_seeds[i]` where given (a group sharing its start). `keep_chain=False` keeps only x_0 of the
-    chain (what the forward-process objectives train on); `guidance_scale` overrides the config's
-    (evaluation samples at sampling.eval_guidance_scale)."""
+    chain (what the forward-process objectives train on); `guidance_scale` (one, or each chain's [B])
+    overrides the config's (evaluation samples at sampling.eval_guidance_scale; a mixed task's sets at
+    their prompts.guidance_scale_by_set)."""
     device = policy.device
     b = len(prompts)
     if len(seeds) != b:
@@ -115,7 +126,8 @@ def sample_trajectories(policy: Policy, prompts: list[str], cfg: SamplingConfig,
     starts = generators if start_seeds is None else [torch.Generator(device).manual_seed(int(s)) for s in start_seeds]
     x = batch_randn((b,) + policy.latent_shape, starts, device)
     x = x * policy.scheduler.init_noise_sigma
-    scale = cfg.guidance_scale if guidance_scale is None else guidance_scale
+    scale = np.broadcast_to(np.asarray(cfg.guidance_scale if guidance_scale is None else guidance_scale,
+                                       np.float32), (b,)).copy()
     etas = step_etas(cfg)
     latents, log_probs = [x], []
     with autocast(policy, dtype):
@@ -141,7 +153,7 @@ def sample_trajectories(policy: Policy, prompts: list[str], cfg: SamplingConfig,
         prompt_ids=np.asarray(prompt_ids if prompt_ids is not None else np.zeros(b), dtype=np.int64),
         sample_ids=np.asarray(sample_ids if sample_ids is not None else np.arange(b), dtype=np.int64),
         policy_version=int(policy_version),
-        guidance_scale=float(scale),
+        guidance_scale=scale,
         step_etas=etas,
     )
 
