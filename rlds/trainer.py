@@ -292,31 +292,36 @@ class Trainer:
             gains = self.first_draws.gains(f"task {task.name}", rewards[mine], prompt_ids, group_ids)
             if len(gains):
                 stats[f"{prefix}gain"] = float(np.mean(gains))
-            sets = self.prompt_sets[t]  # prompts.mix: each set's own figures too, not diluted by the others'
-            of = None if sets is None else sets[np.concatenate([p.prompt_ids for p in parts]) - self.first_prompt_ids[t]]
-            for r in task.rewards:
-                scores = np.concatenate([p.scores[r.name] for p in parts])
-                stats[f"{prefix}{r.name}/mean"] = float(np.mean(scores))
-                # /gain: the reward's rise on prompts drawn before (stats.FirstDrawBaseline), per set too
-                gains = []
-                for name in [None] if of is None else np.unique(of):
-                    in_set = slice(None) if name is None else of == name
-                    if name is not None:
-                        stats[f"{prefix}{name}/{r.name}/mean"] = float(np.mean(scores[in_set]))
-                    gains.append(self.first_draws.gains(r.name, scores[in_set], prompt_ids[in_set], group_ids[in_set]))
-                    if name is not None and len(gains[-1]):
-                        stats[f"{prefix}{name}/{r.name}/gain"] = float(np.mean(gains[-1]))
-                if sum(map(len, gains)):
-                    stats[f"{prefix}{r.name}/gain"] = float(np.mean(np.concatenate(gains)))
             # what a run going wrong shows first: ties within groups, spread, washed-out or flat images
             stats[f"{prefix}std"] = float(np.std(rewards[mine]))
             if task.images_per_prompt > 1:
                 for key, value in group_diagnostics(rewards[mine], group_ids).items():
                     stats[f"{prefix}{key}"] = value
-                # a set whose groups all tie (a colour-free prompt drawn in one colour only) learns nothing
-                for name in [] if of is None else np.unique(of):
-                    for key, value in group_diagnostics(rewards[mine][of == name], group_ids[of == name]).items():
+            scores = {r.name: np.concatenate([p.scores[r.name] for p in parts]) for r in task.rewards}
+            for r in task.rewards:
+                stats[f"{prefix}{r.name}/mean"] = float(np.mean(scores[r.name]))
+            # prompts.mix: each set's own figures too, not diluted by the others' (a reward that scores
+            # one set is 0 on the rest; a set whose groups all tie, a colour-free prompt drawn in one
+            # colour only, learns nothing)
+            sets = self.prompt_sets[t]
+            of = None if sets is None else sets[prompt_ids - self.first_prompt_ids[t]]
+            reward_gains = {r.name: [] for r in task.rewards}
+            for name in [None] if of is None else np.unique(of):
+                rows = slice(None) if name is None else of == name
+                for r in task.rewards:
+                    # /gain: the reward's rise on prompts drawn before (stats.FirstDrawBaseline)
+                    reward_gains[r.name].append(self.first_draws.gains(r.name, scores[r.name][rows],
+                                                                       prompt_ids[rows], group_ids[rows]))
+                    if name is not None:
+                        stats[f"{prefix}{name}/{r.name}/mean"] = float(np.mean(scores[r.name][rows]))
+                        if len(reward_gains[r.name][-1]):
+                            stats[f"{prefix}{name}/{r.name}/gain"] = float(np.mean(reward_gains[r.name][-1]))
+                if name is not None and task.images_per_prompt > 1:
+                    for key, value in group_diagnostics(rewards[mine][rows], group_ids[rows]).items():
                         stats[f"{prefix}{name}/{key}"] = value
+            for r in task.rewards:
+                if sum(map(len, reward_gains[r.name])):
+                    stats[f"{prefix}{r.name}/gain"] = float(np.mean(np.concatenate(reward_gains[r.name])))
             for key in parts[0].image_stats:
                 stats[f"images/{task.name}/{key}" if len(self.tasks) > 1 else f"images/{key}"] = float(
                     np.mean(np.concatenate([p.image_stats[key] for p in parts])))
