@@ -9,27 +9,31 @@ from rlds.algo.ppo import make_optimizer
 from rlds.config import AlgoConfig, LoraConfig, ModelConfig, SamplingConfig
 from rlds.policy import load_policy, sample_trajectories
 from rlds.policy.pipeline import trainable_parameters
+from rlds.policy.sampling import guided_noise
 
 PROMPTS = ["a red circle", "a blue square", "a cat", "a dog"]
 
 
-def setup(objective: str, lora: bool = False, **algo):
+def setup(objective: str, lora: bool = False, guidance_scale=None, **algo):
     torch.manual_seed(0)
     policy = load_policy(ModelConfig(lora=LoraConfig(enabled=lora, rank=4)))
-    traj = sample_trajectories(policy, PROMPTS, SamplingConfig(num_steps=4), seeds=[0, 1, 2, 3], keep_chain=False)
+    traj = sample_trajectories(policy, PROMPTS, SamplingConfig(num_steps=4), seeds=[0, 1, 2, 3], keep_chain=False,
+                               guidance_scale=guidance_scale)
     cfg = AlgoConfig(objective=objective, timesteps_per_iteration=2, optimizer_steps=1, learning_rate=1e-3,
                      **algo)
     opt = make_optimizer([p for p in policy.unet.parameters() if p.requires_grad], cfg)
     return policy, traj, cfg, opt, objective_class(objective)(policy.unet, cfg)
 
 
-def denoising_loss(policy, traj, seed=5) -> np.ndarray:
-    """Each sample's epsilon MSE at fixed noise levels and noise: [B]."""
+def denoising_loss(policy, traj, guided=False, seed=5) -> np.ndarray:
+    """Each sample's epsilon MSE at fixed noise levels and noise: [B]; of the output it trains (the
+    guided one at the chain's own scale with guided training, else the conditional one)."""
     x0 = torch.tensor(traj.latents[:, -1])
     t = torch.tensor(draw_timesteps(1000, 1.0, 1, len(x0), np.random.default_rng(seed))[:, 0])
     x_t, noise = noised(policy.scheduler, x0, t, torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        out = policy.unet(x_t, t, encoder_hidden_states=torch.tensor(traj.prompt_embeds)).sample
+        out = guided_noise(policy, x_t, t, torch.tensor(traj.prompt_embeds), torch.tensor(traj.negative_embeds),
+                           traj.guidance_scale if guided else 1.0)
     return ((out - noise) ** 2).mean(dim=(1, 2, 3)).numpy()
 
 
@@ -42,10 +46,15 @@ def test_forward_objectives_are_registered_and_need_only_x0():
     assert traj.latents.shape == (2, 1, 3, 16, 16) and traj.log_probs.shape == (2, 0)
 
 
+# guided training at each chain's own scale (prompts.guidance_scale_by_set): the first and third
+# chains guided, the others not
+PER_CHAIN = [4.0, 1.0, 4.0, 1.0]
+
+
 @pytest.mark.parametrize("objective", ["nft", "awm"])
-@pytest.mark.parametrize("guided", [False, True])
-def test_zero_advantages_give_zero_policy_gradient(objective, guided):
-    policy, traj, cfg, opt, obj = setup(objective, guided_training=guided)
+@pytest.mark.parametrize("guided,scales", [(False, None), (True, None), (True, PER_CHAIN)])
+def test_zero_advantages_give_zero_policy_gradient(objective, guided, scales):
+    policy, traj, cfg, opt, obj = setup(objective, guided_training=guided, guidance_scale=scales)
     grads = []
     opt.step = lambda: grads.append([p.grad.abs().max().item() for p in policy.unet.parameters()
                                      if p.grad is not None])  # what the step would have applied
@@ -54,15 +63,15 @@ def test_zero_advantages_give_zero_policy_gradient(objective, guided):
 
 
 @pytest.mark.parametrize("objective", ["nft", "awm"])
-@pytest.mark.parametrize("guided", [False, True])
-def test_a_positive_advantage_lowers_that_samples_denoising_loss(objective, guided):
-    policy, traj, cfg, opt, obj = setup(objective, clip_range=1.0, guided_training=guided)
-    before = denoising_loss(policy, traj)
+@pytest.mark.parametrize("guided,scales", [(False, None), (True, None), (True, PER_CHAIN)])
+def test_a_positive_advantage_lowers_that_samples_denoising_loss(objective, guided, scales):
+    policy, traj, cfg, opt, obj = setup(objective, clip_range=1.0, guided_training=guided, guidance_scale=scales)
+    before = denoising_loss(policy, traj, guided)
     advantages = np.array([2.0, -2.0, 0.0, 0.0], np.float32)
     for it in range(3):
         obj.update(policy, [traj], [advantages], opt, np.random.default_rng(it))
         obj.end_iteration(policy.unet)
-    change = denoising_loss(policy, traj) - before
+    change = denoising_loss(policy, traj, guided) - before
     assert change[0] < 0 and change[0] < change[1], change
 
 
