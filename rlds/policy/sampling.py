@@ -90,7 +90,8 @@ def guided_noise(policy: Policy, x: torch.Tensor, t, cond: torch.Tensor, uncond:
         out[~guided], out[guided] = plain, rest
         return out
     emb = torch.cat([uncond.expand(b, -1, -1), cond])
-    out = policy.unet(torch.cat([x, x]), torch.cat([t, t]) if per_sample_t else t, encoder_hidden_states=emb).sample.float()
+    t = torch.cat([t, t]) if per_sample_t else t
+    out = policy.unet(torch.cat([x, x]), t, encoder_hidden_states=emb).sample.float()
     out_uncond, out_cond = out.chunk(2)
     return out_uncond + scale.view(-1, *[1] * (out.ndim - 1)) * (out_cond - out_uncond)
 
