@@ -235,6 +235,12 @@ class AlgoConfig:
     pretrain_beta: float = 0.0
     pretrain_data: Optional[str] = None
     pretrain_batch_size: int = 16
+    # L_pre's noise levels: uniform over [start, end), fractions of the schedule from its clean end
+    pretrain_noise_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    # L_pre's share of empty captions: RL trains the conditional branch only, and the unconditional
+    # one, which guidance at evaluation subtracts, drifts with it unanchored; the base's pretraining
+    # dropped 10% of captions
+    pretrain_caption_dropout: float = 0.0
 
 
 @dataclass
@@ -548,6 +554,12 @@ def check_config(c: Config, fail: Fail) -> None:
         fail("replay.capacity", f"must hold at least one batch (algo.batch_size = {batch})")
     if a.pretrain_beta < 0:
         fail("algo.pretrain_beta", "must be 0 (off) or more")
+    r = a.pretrain_noise_range
+    if len(r) != 2 or not 0 <= r[0] < r[1] <= 1:
+        fail("algo.pretrain_noise_range", f"{r} is not [start, end) with 0 <= start < end <= 1, fractions of the "
+             "noise schedule from its clean end, e.g. [0.5, 1] for its noisiest half")
+    if not 0 <= a.pretrain_caption_dropout < 1:
+        fail("algo.pretrain_caption_dropout", "must be in [0, 1): the share of L_pre's captions replaced by \"\"")
     if a.task_moments not in TASK_MOMENTS:
         fail("algo.task_moments", f"{a.task_moments!r} is not one of {', '.join(TASK_MOMENTS)}")
     if c.sampling.eta < 0:

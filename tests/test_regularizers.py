@@ -8,6 +8,7 @@ from rlds.config import AlgoConfig, ConfigError, ModelConfig
 from rlds.configure import load_config
 from rlds.data.pretrain_set import PretrainSet, write_pretrain_set
 from rlds.policy import load_policy
+from rlds.policy.sampling import encode_prompts
 
 
 def test_pretraining_step_lowers_the_noise_prediction_loss(tmp_path):
@@ -36,3 +37,53 @@ def test_pretrain_beta_needs_data(tmp_path):
         load_config(str(path))
     with pytest.raises(ConfigError, match="algo.pretrain_data: not found"):
         load_config(str(path), ("algo.pretrain_data=nowhere.parquet",))
+
+
+def test_pretraining_loss_keeps_to_its_noise_range(tmp_path):
+    write_pretrain_set(tmp_path / "set.parquet", 16, seed=0)
+    images, captions = next(PretrainSet(tmp_path / "set.parquet", resolution=16).stream(16))
+    policy = load_policy(ModelConfig())
+    seen = []
+    policy.unet.register_forward_pre_hook(lambda module, args: seen.append(args[1].clone()))
+    end = policy.scheduler.config.num_train_timesteps
+    with torch.no_grad():
+        for noise_range in ((0.0, 1.0), (0.0, 0.1), (0.9, 1.0)):
+            for seed in range(4):
+                pretraining_loss(policy, images, captions, torch.Generator().manual_seed(seed),
+                                 noise_range=noise_range)
+    whole, quietest, noisiest = torch.cat(seen[:4]), torch.cat(seen[4:8]), torch.cat(seen[8:])
+    assert whole.min() < 0.1 * end <= whole.max() and whole.max() >= 0.9 * end
+    assert quietest.max() < 0.1 * end and noisiest.min() >= 0.9 * end and noisiest.max() < end
+
+
+def test_pretrain_noise_range_is_a_window_of_the_schedule(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("prompts: {items: [a]}\nrewards: [{name: brightness}]\nalgo: {pretrain_noise_range: [0.5, 0.5]}\n")
+    with pytest.raises(ConfigError, match=r"algo.pretrain_noise_range: \[0.5, 0.5\] is not \[start, end\)"):
+        load_config(str(path))
+
+
+def test_caption_dropout_trains_the_unconditional_branch_on_the_same_noise(tmp_path):
+    write_pretrain_set(tmp_path / "set.parquet", 16, seed=0)
+    images, captions = next(PretrainSet(tmp_path / "set.parquet", resolution=16).stream(16))
+    policy = load_policy(ModelConfig())
+    empty = encode_prompts(policy, [""])[0]
+    calls = []
+    policy.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append((args[0].clone(), args[1].clone(), kwargs["encoder_hidden_states"])),
+        with_kwargs=True)
+    dropped = {}
+    with torch.no_grad():
+        for dropout in (0.0, 0.5, 1.0):
+            pretraining_loss(policy, images, captions, torch.Generator().manual_seed(0), caption_dropout=dropout)
+            dropped[dropout] = sum(torch.allclose(row, empty, atol=1e-5) for row in calls[-1][2])
+    assert dropped[0.0] == 0 and 0 < dropped[0.5] < len(captions) and dropped[1.0] == len(captions)
+    for x_t, t, _ in calls[1:]:  # the same noise and timesteps whatever the dropout
+        assert torch.equal(x_t, calls[0][0]) and torch.equal(t, calls[0][1])
+
+
+def test_pretrain_caption_dropout_is_a_share(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("prompts: {items: [a]}\nrewards: [{name: brightness}]\nalgo: {pretrain_caption_dropout: 1.0}\n")
+    with pytest.raises(ConfigError, match=r"algo.pretrain_caption_dropout: must be in \[0, 1\)"):
+        load_config(str(path))

@@ -11,7 +11,7 @@ from rlds.data.shapes import (COLOURS, KINDS, RELATIONS, SIZE, Prompt, caption, 
                               prompts_of, relation_holds, render, sample_scene, scene_for_prompt, training_prompts)
 from rlds.rewards import build_reward
 from rlds.rewards.parity import statistical_parity
-from rlds.rewards.shapes import COLOUR_NAMES, ShapesComposition, ShapesQuality, detect
+from rlds.rewards.shapes import COLOUR_NAMES, ShapesComposition, ShapesQuality, detect, segment
 
 
 def scenes(n, seed=0):
@@ -222,6 +222,27 @@ def test_quality_ranks_render_above_noisy_render_above_noise():
     r = build_reward("shapes_quality", {})(np.stack([im, noisy, noise]), [""] * 3, np.arange(3))
     assert r[0] > 0.95 and r[0] > r[1] > r[2] and r[2] < 0.1
     assert quality.score_one(np.full_like(im, 215)) == 0  # blank canvas
+
+
+def test_quality_background_term_alone_sees_speckle_off_the_shapes_only():
+    rng = np.random.default_rng(6)
+    im = render(scenes(1, seed=6)[0])
+    near = segment(im)[1] > 0
+    for _ in range(3):  # the shapes and three pixels around them
+        padded = np.pad(near, 1)
+        near = near | padded[:-2, 1:-1] | padded[2:, 1:-1] | padded[1:-1, :-2] | padded[1:-1, 2:]
+    far = ~near
+    speckled_background = im.copy()
+    speckled_background[far] = np.clip(im[far] + rng.normal(0, 20, im[far].shape), 0, 255)
+    background = build_reward("shapes_quality", {"terms": ["background"]})
+    whole = build_reward("shapes_quality", {})
+    clean, speckled = background(np.stack([im, speckled_background]), [""] * 2, np.arange(2))
+    assert clean > 0.95 and speckled < clean - 0.3
+    # the shapes' own terms are untouched by background speckle, so the whole score falls less
+    both = whole(np.stack([im, speckled_background]), [""] * 2, np.arange(2))
+    assert clean - speckled > both[0] - both[1] > 0
+    with pytest.raises(ValueError, match=r"terms \['shine'\]: choose one or more of background, solid, edges"):
+        build_reward("shapes_quality", {"terms": ["shine"]})
 
 
 def test_the_three_splits_are_disjoint_by_combination():

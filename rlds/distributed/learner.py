@@ -169,7 +169,8 @@ class LearnerActor:
                 images, captions = next(self.pretrain_batches)
                 generator = torch.Generator(self.device).manual_seed(int(rng.integers(2**62)))  # noise, timesteps
                 stats.update(pretrain_step(train_policy, optimizer, images, captions, cfg.pretrain_beta,
-                                           cfg.max_grad_norm, generator))
+                                           cfg.max_grad_norm, generator, tuple(cfg.pretrain_noise_range),
+                                           cfg.pretrain_caption_dropout))
             stats.update(self.objective.end_iteration(self.policy.unet))
             stats["lr"] = lr
             if self.rank == 0:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -318,12 +318,20 @@ class ShapesQuality(ImageReward):
       steps by at least 0.5, a blurred one by less;
     - content = min(1, area of the largest blob / 20): a blank canvas scores 0, not 1.
     Renders score ~1, renders with noise or blur less, pure noise ~0.
+
+    `terms` picks which of background, solid and edges enter the geometric mean (content always
+    multiplies): `[background]` is a reward for a clean background alone, which neither the detector
+    nor the parity reward sees.
     """
 
     min_image_size = SIZE
+    TERMS = ("background", "solid", "edges")
 
-    def __init__(self, sigma: float = 16.0):
-        self.sigma = sigma
+    def __init__(self, sigma: float = 16.0, terms: Sequence[str] = TERMS):
+        unknown = sorted(set(terms) - set(self.TERMS))
+        if unknown or not terms:
+            raise ValueError(f"terms {list(terms)}: choose one or more of {', '.join(self.TERMS)}")
+        self.sigma, self.chosen = sigma, tuple(terms)
 
     def terms(self, image: np.ndarray) -> dict:
         x = image.astype(np.float32)
@@ -356,7 +364,7 @@ class ShapesQuality(ImageReward):
 
     def score_one(self, image: np.ndarray) -> float:
         t = self.terms(image)
-        return t["content"] * (t["background"] * t["solid"] * t["edges"]) ** (1 / 3)
+        return t["content"] * float(np.prod([t[k] for k in self.chosen])) ** (1 / len(self.chosen))
 
     def score(self, images, prompts):
         return np.array([self.score_one(im) for im in images])
