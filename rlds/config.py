@@ -224,6 +224,10 @@ class AlgoConfig:
     # nft, awm: train the guided output (both branches, at the sampler's guidance scale) instead of
     # the conditional one; PPO's log-prob is always the guided step's
     guided_training: bool = False
+    # nft, awm: the share of terms trained with the empty prompt instead of the sample's: the
+    # unconditional branch, which guidance subtracts at evaluation, then learns from the policy's
+    # samples too (README, "Where the quality goes": no better than 0 on four ShapesWorld seeds)
+    caption_dropout: float = 0.0
     old_policy_decay_rate: float = 0.001
     old_policy_decay_max: float = 0.5
     # L_pre, the paper's regulariser: one step on beta * noise-prediction MSE after the RL steps,
@@ -560,6 +564,8 @@ def check_config(c: Config, fail: Fail) -> None:
              "noise schedule from its clean end, e.g. [0.5, 1] for its noisiest half")
     if not 0 <= a.pretrain_caption_dropout < 1:
         fail("algo.pretrain_caption_dropout", "must be in [0, 1): the share of L_pre's captions replaced by \"\"")
+    if not 0 <= a.caption_dropout < 1:
+        fail("algo.caption_dropout", "must be in [0, 1): the share of nft and awm terms trained with the empty prompt")
     if a.task_moments not in TASK_MOMENTS:
         fail("algo.task_moments", f"{a.task_moments!r} is not one of {', '.join(TASK_MOMENTS)}")
     if c.sampling.eta < 0:

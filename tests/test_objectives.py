@@ -143,3 +143,32 @@ def test_forward_objectives_train_lora_adapters_only(objective):
     assert any(not torch.equal(adapters[n], p) for n, p in trainable_parameters(policy.unet))
     stats = obj.update(policy, [traj], [np.array([1.0, -1.0, 0.5, -0.5], np.float32)], opt, np.random.default_rng(1))
     assert stats["kl"] > 0
+
+
+@pytest.mark.parametrize("objective", ["nft", "awm"])
+def test_caption_dropout_trains_the_empty_prompt_on_the_same_samples(objective):
+    """A dropped term is the same term with the empty prompt's embedding: dropping every caption
+    updates the weights as training on copies whose prompt is "" does, and keeping every caption
+    updates them otherwise."""
+    from dataclasses import replace
+
+    advantages = [np.array([1.0, -1.0, 0.5, -0.5], np.float32)]
+    after = {}
+    for name, dropout, empty in [("dropped", 1 - 1e-9, False), ("empty", 0.0, True), ("kept", 0.0, False)]:
+        policy, traj, _, opt, obj = setup(objective, caption_dropout=dropout)
+        if empty:
+            traj = replace(traj, prompt_embeds=np.repeat(traj.negative_embeds, len(traj), axis=0))
+        obj.update(policy, [traj], advantages, opt, np.random.default_rng(0))
+        after[name] = snapshot(policy.unet)
+    for key, value in after["dropped"].items():
+        torch.testing.assert_close(value, after["empty"][key])
+    assert any(not torch.allclose(v, after["kept"][k]) for k, v in after["dropped"].items())
+
+
+def test_caption_dropout_out_of_range_names_its_key():
+    from rlds.configure import load_config
+
+    with pytest.raises(ValueError, match="algo.caption_dropout"):
+        load_config("configs/shapes_mix_nft.yaml", ("algo.caption_dropout=1.0",))
+    with pytest.raises(ValueError, match="algo.caption_dropout.*nft and awm"):
+        load_config("configs/shapes_mix_nft.yaml", ("algo.objective=ppo", "algo.caption_dropout=0.1"))

@@ -99,7 +99,8 @@ def forward_update(policy, trajectories, advantages, optimizer, algo, rng, no_sy
     term's loss and figures: `predict_with(params)` is the same output with other values of the
     trainable parameters (an old or reference policy, no gradient), `fresh` says the term is in the
     first optimizer step, while the weights are the update's start. The output is the conditional
-    one, or with algo.guided_training the guided one at the sampler's guidance scale.
+    one, or with algo.guided_training the guided one at the sampler's guidance scale; a share
+    `algo.caption_dropout` of the terms have the empty prompt in place of the sample's own.
     Shapes: x_0 [B, C, H, W] per trajectory batch, advantages [B]."""
     scheduler = policy.scheduler
     device = next(unwrap(policy.unet).parameters()).device
@@ -119,6 +120,9 @@ def forward_update(policy, trajectories, advantages, optimizer, algo, rng, no_sy
                 traj = trajectories[i]
                 x0, cond = clean_inputs(traj, device)
                 uncond = torch.tensor(traj.negative_embeds, device=device)
+                if algo.caption_dropout > 0:  # these terms train the unconditional branch on the sample
+                    drop = torch.as_tensor(rng.random(len(traj)) < algo.caption_dropout, device=device)
+                    cond = torch.where(drop.view(-1, 1, 1), uncond.expand_as(cond), cond)
                 scale = traj.guidance_scale if algo.guided_training else 1.0
                 t = torch.as_tensor(steps[i][:, k], device=device)
                 x_t, noise = noised(scheduler, x0, t, generator)

@@ -39,6 +39,8 @@ def trainable_step_indices(step_etas: np.ndarray, noisiest_fraction: float) -> n
 def check_ppo(algo: AlgoConfig, sampling: SamplingConfig, fail) -> None:
     if sampling.eta <= 0:
         fail("sampling.eta", "must be above 0 for algo.objective ppo: its policy is the stochastic DDIM step")
+    if algo.caption_dropout:
+        fail("algo.caption_dropout", "is for nft and awm: ppo trains each stored chain's log-prob under its own prompt")
     from rlds.policy.sampling import step_etas
 
     window = len(trainable_step_indices(step_etas(sampling), algo.noisiest_fraction))
