@@ -228,6 +228,10 @@ class AlgoConfig:
     # unconditional branch, which guidance subtracts at evaluation, then learns from the policy's
     # samples too (README, "Where the quality goes": no better than 0 on four ShapesWorld seeds)
     caption_dropout: float = 0.0
+    # nft, awm: the noisiest share of noise levels that the chains sampled with guidance (scale above 1,
+    # e.g. prompts.guidance_scale_by_set) train on; None: algo.noisiest_fraction. The conditional
+    # output fits those samples, and guidance at evaluation amplifies what it fits, the fine detail too
+    guided_noisiest_fraction: Optional[float] = None
     old_policy_decay_rate: float = 0.001
     old_policy_decay_max: float = 0.5
     # L_pre, the paper's regulariser: one step on beta * noise-prediction MSE after the RL steps,
@@ -564,6 +568,9 @@ def check_config(c: Config, fail: Fail) -> None:
              "noise schedule from its clean end, e.g. [0.5, 1] for its noisiest half")
     if not 0 <= a.pretrain_caption_dropout < 1:
         fail("algo.pretrain_caption_dropout", "must be in [0, 1): the share of L_pre's captions replaced by \"\"")
+    if a.guided_noisiest_fraction is not None and not 0 < a.guided_noisiest_fraction <= 1:
+        fail("algo.guided_noisiest_fraction",
+             "must be in (0, 1]: the noisiest share of noise levels that the guided chains train on")
     if not 0 <= a.caption_dropout < 1:
         fail("algo.caption_dropout", "must be in [0, 1): the share of nft and awm terms trained with the empty prompt")
     if a.task_moments not in TASK_MOMENTS:

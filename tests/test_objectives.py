@@ -172,3 +172,28 @@ def test_caption_dropout_out_of_range_names_its_key():
         load_config("configs/shapes_mix_nft.yaml", ("algo.caption_dropout=1.0",))
     with pytest.raises(ValueError, match="algo.caption_dropout.*nft and awm"):
         load_config("configs/shapes_mix_nft.yaml", ("algo.objective=ppo", "algo.caption_dropout=0.1"))
+
+
+@pytest.mark.parametrize("objective", ["nft", "awm"])
+def test_guided_chains_train_on_their_own_noisiest_window(objective):
+    """With algo.guided_noisiest_fraction, the chains sampled with guidance are trained only at the
+    noisiest noise levels it names, the others over algo.noisiest_fraction as before."""
+    policy, traj, _, opt, obj = setup(objective, guidance_scale=PER_CHAIN, noisiest_fraction=1.0,
+                                      guided_noisiest_fraction=0.1)
+    seen = []
+    policy.unet.register_forward_pre_hook(lambda module, args: seen.append(args[1].clone()))
+    for seed in range(4):  # 2 noise levels a sample each time
+        obj.update(policy, [traj], [np.array([1.0, -1.0, 0.5, -0.5], np.float32)], opt, np.random.default_rng(seed))
+    t = torch.stack([s for s in seen if s.shape == (4,)])  # [calls, chains]: the trained output's timesteps
+    guided = torch.tensor(PER_CHAIN) != 1.0
+    assert t[:, guided].min() >= 900
+    assert t[:, ~guided].min() < 900  # 16 draws over the whole schedule: all in its noisiest tenth by chance 1e-16
+
+
+def test_guided_noisiest_fraction_is_for_the_forward_objectives():
+    from rlds.configure import load_config
+
+    with pytest.raises(ValueError, match=r"algo.guided_noisiest_fraction: must be in \(0, 1\]"):
+        load_config("configs/shapes_mix_nft.yaml", ("algo.guided_noisiest_fraction=0",))
+    with pytest.raises(ValueError, match="algo.guided_noisiest_fraction.*nft and awm"):
+        load_config("configs/shapes_mix_nft.yaml", ("algo.objective=ppo", "algo.guided_noisiest_fraction=0.5"))

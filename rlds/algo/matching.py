@@ -98,7 +98,8 @@ def forward_update(policy, trajectories, advantages, optimizer, algo, rng, no_sy
     optimizer steps; `term(policy, output, predict_with, x_t, x0, t, target, advantages, fresh)` gives a
     term's loss and figures: `predict_with(params)` is the same output with other values of the
     trainable parameters (an old or reference policy, no gradient), `fresh` says the term is in the
-    first optimizer step, while the weights are the update's start. The output is the conditional
+    first optimizer step, while the weights are the update's start; the chains sampled with guidance
+    are trained on `algo.guided_noisiest_fraction` of the noise levels where it is set. The output is the conditional
     one, or with algo.guided_training the guided one at the sampler's guidance scale; a share
     `algo.caption_dropout` of the terms have the empty prompt in place of the sample's own.
     Shapes: x_0 [B, C, H, W] per trajectory batch, advantages [B]."""
@@ -109,6 +110,11 @@ def forward_update(policy, trajectories, advantages, optimizer, algo, rng, no_sy
     per_step = k_total // (algo.optimizer_steps or k_total)
     T = scheduler.config.num_train_timesteps
     steps = [draw_timesteps(T, algo.noisiest_fraction, k_total, len(traj), rng) for traj in trajectories]
+    if algo.guided_noisiest_fraction is not None:  # the guided chains' own window
+        for i, traj in enumerate(trajectories):
+            guided = np.asarray(traj.guidance_scale).reshape(-1) != 1.0
+            window = draw_timesteps(T, algo.guided_noisiest_fraction, k_total, len(traj), rng)
+            steps[i] = np.where(guided[:, None], window, steps[i])
     generator = torch.Generator(device).manual_seed(int(rng.integers(2**62)))
     term_stats, step_stats = [], []
     for first in range(0, k_total, per_step):
