@@ -93,6 +93,11 @@ class PromptConfig:
     # groups are sampled at, where it differs from sampling.guidance_scale; e.g. {fairness: 4.0}:
     # colour-free groups sampled as the model is used (nearly all red at the base), the rest CFG-free
     guidance_scale_by_set: dict[str, float] = field(default_factory=dict)
+    # a ShapesWorld set -> the size of its training groups, where it differs from the task's
+    # images_per_prompt; e.g. {composition: 4} beside groups of 8: more colour-named prompts an
+    # iteration, and colour-free groups large enough to show a balance. prompts.mix stays a share of
+    # the groups drawn; the last group of a sampler batch comes from a set whose groups fit in it
+    images_per_prompt_by_set: dict[str, int] = field(default_factory=dict)
     # or a generated set for real images (rlds.data.generated): relations | occupations, with its
     # seen/unseen split (the unseen part is held out); generated_args: classes_file, relations, ...
     generated: Optional[str] = None

@@ -32,12 +32,15 @@ def validate(c: Config, where: str = "config") -> None:
     fail = failer(where)
     check_config(c, fail)
     for i, (key, task) in enumerate(task_sections(c)):
-        check_prompts(task.prompts, key, fail, validation=c.validation.every > 0)
+        check_prompts(task.prompts, key, fail, validation=c.validation.every > 0, group_size=task.images_per_prompt,
+                      batch_size=c.sampler.batch_size)
         check_rewards(task.rewards, f"{key}rewards", fail)
         group_key = f"{key}images_per_prompt" if key else "sampler.images_per_prompt"
         own_mode = bool(c.tasks) and c.tasks[i].advantage is not None  # else it is algo.advantage
-        check_advantage(task.advantage, f"{key}advantage" if own_mode else "algo.advantage",
-                        task.images_per_prompt, group_key, fail)
+        mode_key = f"{key}advantage" if own_mode else "algo.advantage"
+        check_advantage(task.advantage, mode_key, task.images_per_prompt, group_key, fail)
+        for name, size in task.prompts.images_per_prompt_by_set.items():
+            check_advantage(task.advantage, mode_key, size, f"{key}prompts.images_per_prompt_by_set.{name}", fail)
     check_objective(c.algo, c.sampling, fail)
     check_schedule(c.algo.lr_schedule, "algo.lr_schedule", fail)
     check_pretrain_data(c.algo, fail)

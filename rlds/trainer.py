@@ -21,8 +21,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from rlds.algo.advantages import PerPromptStatTracker, compute_advantages
 from rlds.checkpoint import complete_checkpoints, latest_checkpoint, read_checkpoint, save_checkpoint
 from rlds.config import Config, ConfigError, actor_threads, dump_config, task_list, validation_keys
-from rlds.data.prompts import (prompt_guidance_scales, prompt_list, prompt_sets, prompt_source, prompt_weights,
-                               validation_prompt_sets)
+from rlds.data.prompts import (prompt_group_sizes, prompt_guidance_scales, prompt_list, prompt_sets, prompt_source,
+                               prompt_weights, validation_prompt_sets)
 from rlds.distributed.learner import LearnerGroup
 from rlds.distributed.protocol import TrainingBatch, UpdateResult, ValidationResult
 from rlds.distributed.replay import ReplayStore, books, next_batch
@@ -117,7 +117,7 @@ class Trainer:
         self.pools = [[RewardPool(r, actor_threads(c, r.num_cpus)) for r in t.rewards] for t in self.tasks]
         first_ids = self.first_prompt_ids = np.cumsum([0] + [len(p) for p in self.prompts])
         self.sampler_tasks = [SamplerTask(t.name, p, t.images_per_prompt, pools, int(first), src, prompt_weights(t),
-                                          prompt_guidance_scales(t, c.sampling.guidance_scale))
+                                          prompt_guidance_scales(t, c.sampling.guidance_scale), prompt_group_sizes(t))
                               for t, p, pools, first, src in zip(self.tasks, self.prompts, self.pools, first_ids,
                                                                  self.sources)]
         self.learners = LearnerGroup(c, self.weights, start_iteration)

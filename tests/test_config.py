@@ -107,6 +107,37 @@ def test_prompts_come_from_exactly_one_source(tmp_path):
         load_config(write(tmp_path, "prompts: {shapes: colour}\nrewards: [{name: brightness}]\n"))
 
 
+def test_sets_drawn_in_groups_of_their_own_size_fill_each_batch_exactly():
+    """prompts.images_per_prompt_by_set: colour-named groups of 4 beside colour-free groups of 8; every
+    batch of 16 is whole groups, each its set's size, the big ones never cut at the batch's end."""
+    import numpy as np
+
+    from rlds.cli import CONFIG_DIR
+    from rlds.config import task_list
+    from rlds.data.prompts import draw_groups, prompt_group_sizes, prompt_sets, prompt_weights
+
+    mix = str(CONFIG_DIR / "shapes_mix_nft.yaml")  # groups of 8, sampler batches of 16, mix {fairness: 0.25}
+    task = task_list(load_config(mix, ("prompts.images_per_prompt_by_set={composition: 4}",)))[0]
+    sizes, weights, sets = prompt_group_sizes(task), prompt_weights(task), np.array(prompt_sets(task))
+    np.testing.assert_array_equal(sizes, np.where(sets == "composition", 4, 8))
+    rng, free_groups, groups = np.random.default_rng(0), 0, 0
+    for _ in range(500):
+        drawn = draw_groups(rng, len(weights), 16, 8, weights, sizes)
+        assert sizes[drawn].sum() == 16
+        free_groups, groups = free_groups + (sets[drawn] == "fairness").sum(), groups + len(drawn)
+    assert 0.15 < free_groups / groups < 0.25  # a little under the 0.25 share: a group of 8 must fit
+    assert prompt_group_sizes(task_list(load_config(mix))[0]) is None
+    # without sizes, the draw is the uniform-size one (a run without the option is unchanged)
+    a, b = np.random.default_rng(1), np.random.default_rng(1)
+    np.testing.assert_array_equal(draw_groups(a, len(weights), 16, 8, weights), b.choice(len(weights), 2, p=weights))
+    for bad, message in [("{composition: 3}", "composition: groups of 3 must divide sampler.batch_size"),
+                         ("{quality: 4}", "images_per_prompt_by_set.quality: not a ShapesWorld set this task draws"),
+                         ("{composition: 2.5}", "images_per_prompt_by_set.composition: a group size"),
+                         ("{composition: 1}", "'group' needs prompts.images_per_prompt_by_set.composition of 2")]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(mix, (f"prompts.images_per_prompt_by_set={bad}",))
+
+
 def test_a_mix_draws_each_shapes_set_in_its_share_and_validates_each():
     import numpy as np
 

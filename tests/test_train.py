@@ -427,13 +427,14 @@ def test_a_forward_process_objective_trains_cfg_free_on_x0_alone(ray_local, tiny
 
 def test_a_mixed_task_reports_each_sets_rewards_and_ties(ray_local, tiny_config, tmp_path):
     """prompts.mix: colour-named and colour-free ShapesWorld prompts in one task, each reward scoring
-    its own set, the colour-free ones sampled at their own guidance scale; every figure a run going
-    wrong shows comes per set too."""
+    its own set, the colour-free ones sampled at their own guidance scale and in groups of their own
+    size; every figure a run going wrong shows comes per set too."""
     rewards = ("rewards=[{name: shapes_composition, num_cpus: 0.25, args: {colour_named_only: true}}, "
                "{name: shapes_parity, num_cpus: 0.25, args: {colour_free_only: true}}]")
     config = tiny_config(f"run_dir={tmp_path}", "iterations=3", "prompts.items=[]", "prompts.shapes=composition",
                          "prompts.mix={fairness: 0.5}", "prompts.guidance_scale_by_set={fairness: 3.0}",
-                         "sampler.images_per_prompt=2", "model.source=shapes", rewards)
+                         "sampler.images_per_prompt=2", "prompts.images_per_prompt_by_set={fairness: 4}",
+                         "model.source=shapes", rewards)
     Trainer(config, progress=False).run()
     rows = read_metrics(tmp_path / "metrics.jsonl")
     fair = [r for r in rows if "reward/fairness/shapes_parity/mean" in r]

@@ -16,9 +16,11 @@ from rlds.data.sources import FORMATS, FileSource, GeneratedSource, first_prompt
 SOURCES = ("items", "file", "shapes", "generated")
 
 
-def check_prompts(p: PromptConfig, key: str, fail, validation: bool = False) -> None:
+def check_prompts(p: PromptConfig, key: str, fail, validation: bool = False, group_size: int = 1,
+                  batch_size: int = 1) -> None:
     """A task's `prompts` section; `key` is its dotted prefix ("" for a single-task config);
-    `validation`: the run scores the validation split, so the task must have one."""
+    `validation`: the run scores the validation split, so the task must have one; `group_size` and
+    `batch_size`: the task's images_per_prompt and sampler.batch_size."""
     given = [k for k in SOURCES if getattr(p, k)]
     if len(given) != 1:
         fail(f"{key}prompts", f"give one of {key}prompts.items (a list), {key}prompts.file (one prompt a "
@@ -45,6 +47,19 @@ def check_prompts(p: PromptConfig, key: str, fail, validation: bool = False) -> 
                  f"({key}prompts.shapes or one of {key}prompts.mix)")
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale < 1:
             fail(f"{key}prompts.guidance_scale_by_set.{name}", f"a guidance scale, 1 (none) or more; got {scale!r}")
+    for name, size in p.images_per_prompt_by_set.items():
+        where = f"{key}prompts.images_per_prompt_by_set.{name}"
+        if name not in drawn:
+            fail(where, f"not a ShapesWorld set this task draws ({key}prompts.shapes or one of {key}prompts.mix)")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            fail(where, f"a group size, a whole number of images, 1 or more; got {size!r}")
+    if p.images_per_prompt_by_set:
+        # a batch fills exactly when what is left of it is always a multiple of the smallest group
+        sizes = [p.images_per_prompt_by_set.get(name, group_size) for name in drawn]
+        for name, size in zip(drawn, sizes):
+            if size % min(sizes) or batch_size % size:
+                fail(f"{key}prompts.images_per_prompt_by_set", f"{name}: groups of {size} must divide "
+                     f"sampler.batch_size ({batch_size}) and be a multiple of the smallest group ({min(sizes)})")
     if p.generated and p.generated not in KINDS:
         fail(f"{key}prompts.generated", f"{p.generated!r} is not one of {', '.join(KINDS)}")
     if p.generated_args and not p.generated:
@@ -105,6 +120,37 @@ def prompt_weights(task) -> Optional[np.ndarray]:
     weights = [np.full(len(training_prompts(name)), share / len(training_prompts(name)))
                for name, share in _shapes_sets(task.prompts)]
     return np.concatenate(weights)
+
+
+def prompt_group_sizes(task) -> Optional[np.ndarray]:
+    """The size of the training group each of `prompt_list(task)`'s prompts is drawn in: None (all
+    task.images_per_prompt) unless `prompts.images_per_prompt_by_set` names a set."""
+    by_set = task.prompts.images_per_prompt_by_set
+    if not by_set:
+        return None
+    return np.array([by_set.get(name, task.images_per_prompt) for name, _ in _shapes_sets(task.prompts)
+                     for _ in training_prompts(name)], np.int64)
+
+
+def draw_groups(rng: np.random.Generator, count: int, images: int, group_size: int,
+                weights: Optional[np.ndarray] = None, sizes: Optional[np.ndarray] = None) -> np.ndarray:
+    """The prompts (indices of `count`) of a batch's groups, in order, filling `images` images:
+    drawn with probabilities `weights` (None: uniform), each group `sizes[i]` images (None: all
+    `group_size`). With sizes that differ, a prompt whose group does not fit in what is left of the
+    batch is not drawn there, so the last groups of a batch come from the smaller ones."""
+    if sizes is None:
+        return (rng.integers(count, size=images // group_size) if weights is None else
+                rng.choice(count, size=images // group_size, p=weights))
+    p = np.full(count, 1.0 / count) if weights is None else np.asarray(weights, np.float64)
+    drawn, left = [], images
+    while left:
+        fits = np.where(sizes <= left, p, 0.0)
+        if not fits.sum():
+            raise ValueError(f"draw_groups: no group fits the {left} images left of the batch "
+                             f"(sizes {sorted(set(sizes.tolist()))})")
+        drawn.append(int(rng.choice(count, p=fits / fits.sum())))
+        left -= int(sizes[drawn[-1]])
+    return np.array(drawn, np.int64)
 
 
 def prompt_sets(task) -> Optional[list[str]]:

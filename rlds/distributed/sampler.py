@@ -16,6 +16,7 @@ import numpy as np
 import ray
 
 from rlds.config import Config, actor_threads
+from rlds.data.prompts import draw_groups
 from rlds.data.sources import FileSource, GeneratedSource, PromptShard, prompt_id
 from rlds.distributed.protocol import SampledBatch
 from rlds.stats import image_stats, timer
@@ -34,6 +35,8 @@ class SamplerTask:
     weights: Optional[np.ndarray] = None  # each prompt's probability of being drawn (prompts.mix); None: uniform
     # each prompt's training guidance scale (prompts.guidance_scale_by_set); None: sampling.guidance_scale
     guidance_scales: Optional[np.ndarray] = None
+    # each prompt's group size (prompts.images_per_prompt_by_set); None: images_per_prompt
+    group_sizes: Optional[np.ndarray] = None
 
 
 class SamplerLoop:
@@ -140,15 +143,18 @@ class SamplerLoop:
                                      self.batches_on_version])
         self.batches_on_version += 1
         if task.source is None:
-            drawn = (rng.integers(len(task.prompts), size=n // g) if task.weights is None else
-                     rng.choice(len(task.prompts), size=n // g, p=task.weights))
-            local_ids = np.repeat(drawn, g)
+            drawn = draw_groups(rng, len(task.prompts), n, g, task.weights, task.group_sizes)
+            sizes = np.full(len(drawn), g) if task.group_sizes is None else task.group_sizes[drawn]
+            local_ids = np.repeat(drawn, sizes)
+        else:
+            sizes = np.full(n // g, g)
         stream = (self.start_iteration * 64 + self.incarnation % 64) * 4096 + self.index % 4096
         group_base = (stream << 24) + (self.batches * n) % (1 << 24)  # unique ids in a run
-        group_ids = group_base + np.repeat(np.arange(n // g), g)
+        group_ids = group_base + np.repeat(np.arange(len(sizes)), sizes)
         seeds = rng.integers(2**62, size=n)  # one per chain: any sample can be redrawn alone
         # a group shares its x_T (and a deterministic prefix) when the config says so
-        start_seeds = np.repeat(rng.integers(2**62, size=n // g), g) if self.config.sampling.shared_prefix else None
+        start_seeds = (np.repeat(rng.integers(2**62, size=len(sizes)), sizes) if self.config.sampling.shared_prefix
+                       else None)
         if task.source is not None:
             prompts = [text for text in self.shards[t].draw(n // g) for _ in range(g)]
             prompt_ids = np.array([prompt_id(text) for text in prompts], np.int64)
