@@ -237,6 +237,11 @@ class AlgoConfig:
     # e.g. prompts.guidance_scale_by_set) train on; None: algo.noisiest_fraction. The conditional
     # output fits those samples, and guidance at evaluation amplifies what it fits, the fine detail too
     guided_noisiest_fraction: Optional[float] = None
+    # nft, awm: the images of a group (one prompt) are trained at the same noise levels with the same
+    # noise. Group advantages sum to zero, so the part of the loss's gradient that comes from the noise
+    # draw and not from the image cancels within the group (common random numbers), and what is left
+    # is what tells its good images from its bad ones
+    group_shared_noise: bool = False
     old_policy_decay_rate: float = 0.001
     old_policy_decay_max: float = 0.5
     # L_pre, the paper's regulariser: one step on beta * noise-prediction MSE after the RL steps,

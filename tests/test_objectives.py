@@ -197,3 +197,55 @@ def test_guided_noisiest_fraction_is_for_the_forward_objectives():
         load_config("configs/shapes_mix_nft.yaml", ("algo.guided_noisiest_fraction=0",))
     with pytest.raises(ValueError, match="algo.guided_noisiest_fraction.*nft and awm"):
         load_config("configs/shapes_mix_nft.yaml", ("algo.objective=ppo", "algo.guided_noisiest_fraction=0.5"))
+
+
+def _grad_norm(obj, policy, traj, opt, advantages, groups):
+    grads = []
+    opt.step = lambda: grads.append(torch.cat([p.grad.flatten() for p in policy.unet.parameters()
+                                               if p.grad is not None]).norm().item())
+    obj.update(policy, [traj], [advantages], opt, np.random.default_rng(0), groups=groups)
+    return grads[0]
+
+
+@pytest.mark.parametrize("objective", ["nft", "awm"])
+def test_group_shared_noise_cancels_what_a_group_has_in_common(objective):
+    """Two groups, each of two copies of one image with advantages +1 and -1: with the group's noise
+    shared the two terms are the same but for their sign, so the policy gradient vanishes; drawn
+    independently, each copy sees other noise and the gradient is the noise draw's."""
+    policy, traj, _, opt, obj = setup(objective, group_shared_noise=True, clip_range=1.0)
+    for a, b in ((1, 0), (3, 2)):  # rows 1 and 3 copy rows 0 and 2: image and prompt
+        traj.latents[a] = traj.latents[b]
+        traj.prompt_embeds[a] = traj.prompt_embeds[b]
+    advantages = np.array([1.0, -1.0, 1.0, -1.0], np.float32)
+    independent = _grad_norm(obj, policy, traj, opt, advantages, None)
+    shared = _grad_norm(obj, policy, traj, opt, advantages, [np.array([7, 7, 3, 3])])
+    assert independent > 0 and shared < 1e-4 * independent, (shared, independent)
+
+
+def test_group_shared_noise_with_groups_of_one_is_the_independent_update():
+    """Each image its own group draws the same noise levels and noise as no groups at all."""
+    after = []
+    for groups in (None, [np.array([5, 2, 9, 4])]):
+        policy, traj, _, opt, obj = setup("nft", group_shared_noise=True)
+        obj.update(policy, [traj], [np.array([1.0, -1.0, 0.5, -0.5], np.float32)], opt, np.random.default_rng(0),
+                   groups=groups)
+        after.append(torch.cat([p.detach().flatten() for p in policy.unet.parameters() if p.requires_grad]))
+    assert torch.allclose(after[0], after[1], rtol=0, atol=1e-7)
+
+
+def test_noise_draws_number_groups_in_order_of_appearance():
+    from rlds.algo.matching import noise_draws
+
+    assert noise_draws(None, 3) is None
+    assert noise_draws(np.array([42, 42, 7, 7, 42]), 5).tolist() == [0, 0, 1, 1, 0]
+    with pytest.raises(ValueError, match="3 group ids for a batch of 4"):
+        noise_draws(np.array([1, 1, 2]), 4)
+
+
+def test_group_shared_noise_is_for_the_forward_objectives():
+    from rlds.configure import load_config
+
+    assert load_config("configs/shapes_mix_nft.yaml", ("algo.group_shared_noise=true",)).algo.group_shared_noise
+    with pytest.raises(ValueError, match="algo.group_shared_noise.*nft and awm"):
+        load_config("configs/shapes_mix_nft.yaml", ("algo.objective=ppo", "algo.guided_noisiest_fraction=null",
+                                                    "algo.group_shared_noise=true"))

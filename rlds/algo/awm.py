@@ -28,12 +28,13 @@ class AWM(Objective):
     def check(algo, sampling, fail) -> None:
         check_timesteps(algo, fail)
 
-    def update(self, policy, trajectories, advantages, optimizer, rng, no_sync=None, dtype=torch.float32):
+    def update(self, policy, trajectories, advantages, optimizer, rng, no_sync=None, dtype=torch.float32,
+               groups=None):
         # the weights later optimizer steps take the ratio against (the first step's ratio is 1)
         multi = (self.algo.optimizer_steps or self.algo.timesteps_per_iteration) > 1
         self.start = snapshot(policy.unet) if multi else None
         return forward_update(policy, trajectories, advantages, optimizer, self.algo, rng, no_sync, dtype,
-                              self._term)
+                              self._term, groups)
 
     def _term(self, policy, output, predict_with, x_t, x0, t, target, a, fresh):
         log_prob = -per_sample_mean((output - target) ** 2)

@@ -52,10 +52,28 @@ def predicted_x0(scheduler, model_output: torch.Tensor, x_t: torch.Tensor, t: to
     return (x_t - beta_prod_t.sqrt() * model_output) / alpha_prod_t.sqrt()
 
 
-def noised(scheduler, x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x_t, noise): the forward process q(x_t | x_0) at timesteps t [B]."""
-    noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+def noised(scheduler, x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator,
+           draws: Optional[np.ndarray] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_t, noise): the forward process q(x_t | x_0) at timesteps t [B]; with `draws` [B] (indices
+    into max(draws) + 1 noise draws), the rows with the same index share their noise."""
+    if draws is None:
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+    else:
+        shared = torch.randn((int(draws.max()) + 1, *x0.shape[1:]), generator=generator, device=x0.device)
+        noise = shared[torch.as_tensor(draws, device=x0.device)]
     return scheduler.add_noise(x0, noise, t), noise
+
+
+def noise_draws(groups: Optional[np.ndarray], count: int) -> Optional[np.ndarray]:
+    """Per sample [count], the index of the noise draw it uses: its group's (0, 1, ... in order of
+    first appearance), or None (each its own) without groups."""
+    if groups is None:
+        return None
+    _, first, inverse = np.unique(np.asarray(groups), return_index=True, return_inverse=True)
+    order = np.argsort(np.argsort(first))  # renumber groups by first appearance
+    if len(inverse) != count:
+        raise ValueError(f"{len(inverse)} group ids for a batch of {count} samples")
+    return order[inverse]
 
 
 def matching_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -92,7 +110,7 @@ def check_timesteps(algo, fail) -> None:
 
 
 def forward_update(policy, trajectories, advantages, optimizer, algo, rng, no_sync, dtype,
-                   term) -> dict[str, float]:
+                   term, groups=None) -> dict[str, float]:
     """The update loop the forward-process objectives share: K stratified noise levels per sample
     (`draw_timesteps`), each a fresh x_t of the sample's own x_0, trained in `algo.optimizer_steps`
     optimizer steps; `term(policy, output, predict_with, x_t, x0, t, target, advantages, fresh)` gives a
@@ -101,7 +119,9 @@ def forward_update(policy, trajectories, advantages, optimizer, algo, rng, no_sy
     first optimizer step, while the weights are the update's start; the chains sampled with guidance
     are trained on `algo.guided_noisiest_fraction` of the noise levels where it is set. The output is the conditional
     one, or with algo.guided_training the guided one at the sampler's guidance scale; a share
-    `algo.caption_dropout` of the terms have the empty prompt in place of the sample's own.
+    `algo.caption_dropout` of the terms have the empty prompt in place of the sample's own. With
+    `algo.group_shared_noise` and `groups` (per trajectory batch, [B] group ids), the samples of a
+    group share their noise levels and noise.
     Shapes: x_0 [B, C, H, W] per trajectory batch, advantages [B]."""
     scheduler = policy.scheduler
     device = next(unwrap(policy.unet).parameters()).device
@@ -109,12 +129,19 @@ def forward_update(policy, trajectories, advantages, optimizer, algo, rng, no_sy
     k_total = algo.timesteps_per_iteration
     per_step = k_total // (algo.optimizer_steps or k_total)
     T = scheduler.config.num_train_timesteps
-    steps = [draw_timesteps(T, algo.noisiest_fraction, k_total, len(traj), rng) for traj in trajectories]
+    shared = algo.group_shared_noise and groups is not None
+    draws = [noise_draws(groups[i] if shared else None, len(traj)) for i, traj in enumerate(trajectories)]
+
+    def draw(fraction, i):  # [B, K] noise levels of trajectory batch i, a group's shared with draws
+        if draws[i] is None:
+            return draw_timesteps(T, fraction, k_total, len(trajectories[i]), rng)
+        return draw_timesteps(T, fraction, k_total, int(draws[i].max()) + 1, rng)[draws[i]]
+
+    steps = [draw(algo.noisiest_fraction, i) for i in range(len(trajectories))]
     if algo.guided_noisiest_fraction is not None:  # the guided chains' own window
         for i, traj in enumerate(trajectories):
             guided = np.asarray(traj.guidance_scale).reshape(-1) != 1.0
-            window = draw_timesteps(T, algo.guided_noisiest_fraction, k_total, len(traj), rng)
-            steps[i] = np.where(guided[:, None], window, steps[i])
+            steps[i] = np.where(guided[:, None], draw(algo.guided_noisiest_fraction, i), steps[i])
     generator = torch.Generator(device).manual_seed(int(rng.integers(2**62)))
     term_stats, step_stats = [], []
     for first in range(0, k_total, per_step):
@@ -131,7 +158,7 @@ def forward_update(policy, trajectories, advantages, optimizer, algo, rng, no_sy
                     cond = torch.where(drop.view(-1, 1, 1), uncond.expand_as(cond), cond)
                 scale = traj.guidance_scale if algo.guided_training else 1.0
                 t = torch.as_tensor(steps[i][:, k], device=device)
-                x_t, noise = noised(scheduler, x0, t, generator)
+                x_t, noise = noised(scheduler, x0, t, generator, draws[i])
 
                 def predict(unet, x_t=x_t, t=t, cond=cond, uncond=uncond, scale=scale):
                     with autocast(policy, dtype):

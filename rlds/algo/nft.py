@@ -68,9 +68,10 @@ class NFT(Objective):
             fail("algo.old_policy_decay_rate", "must be 0 or more")
         check_timesteps(algo, fail)
 
-    def update(self, policy, trajectories, advantages, optimizer, rng, no_sync=None, dtype=torch.float32):
+    def update(self, policy, trajectories, advantages, optimizer, rng, no_sync=None, dtype=torch.float32,
+               groups=None):
         stats = forward_update(policy, trajectories, advantages, optimizer, self.algo, rng, no_sync, dtype,
-                               self._term)
+                               self._term, groups)
         self.old_is_current = False
         return stats
 

@@ -29,7 +29,9 @@ class Objective:
 
     def update(self, policy, trajectories: Sequence, advantages: Sequence[np.ndarray],
                optimizer: torch.optim.Optimizer, rng: np.random.Generator,
-               no_sync: Optional[Callable] = None, dtype: torch.dtype = torch.float32) -> dict[str, float]:
+               no_sync: Optional[Callable] = None, dtype: torch.dtype = torch.float32,
+               groups: Optional[Sequence[np.ndarray]] = None) -> dict[str, float]:
+        """One task's optimizer steps; `groups`: per trajectory batch, [B] ids of the images that share a prompt."""
         raise NotImplementedError
 
     def end_iteration(self, unet: torch.nn.Module) -> dict[str, float]:
@@ -52,7 +54,7 @@ class PPO(Objective):
 
         check_ppo(algo, sampling, fail)
 
-    def update(self, policy, trajectories, advantages, optimizer, rng, no_sync=None, dtype=torch.float32):
+    def update(self, policy, trajectories, advantages, optimizer, rng, no_sync=None, dtype=torch.float32, groups=None):
         from rlds.algo.ppo import ppo_update
 
         return ppo_update(policy, trajectories, advantages, optimizer, self.algo, rng, no_sync, dtype, self.reference)

@@ -43,6 +43,8 @@ def check_ppo(algo: AlgoConfig, sampling: SamplingConfig, fail) -> None:
         fail("algo.caption_dropout", "is for nft and awm: ppo trains each stored chain's log-prob under its own prompt")
     if algo.guided_noisiest_fraction is not None:
         fail("algo.guided_noisiest_fraction", "is for nft and awm: ppo's trained steps are algo.noisiest_fraction's")
+    if algo.group_shared_noise:
+        fail("algo.group_shared_noise", "is for nft and awm: ppo trains the stored chain's own noise")
     from rlds.policy.sampling import step_etas
 
     window = len(trainable_step_indices(step_etas(sampling), algo.noisiest_fraction))

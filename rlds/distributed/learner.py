@@ -147,11 +147,12 @@ class LearnerActor:
             for task in sorted(set(shard.tasks)):  # the paper's joint training: each task's steps in turn
                 mine = [i for i, t in enumerate(shard.tasks) if t == task]
                 optimizer = self.optimizers[task % len(self.optimizers)]
-                for group in optimizer.param_groups:
-                    group["lr"] = task_lr(task)
+                for param_group in optimizer.param_groups:
+                    param_group["lr"] = task_lr(task)
+                groups = None if shard.groups is None else [shard.groups[i] for i in mine]
                 per_task.append(self.objective.update(train_policy, [trajectories[i] for i in mine],
                                                       [shard.advantages[i] for i in mine], optimizer, rng,
-                                                      no_sync=self.ddp.no_sync, dtype=self.dtype))
+                                                      no_sync=self.ddp.no_sync, dtype=self.dtype, groups=groups))
                 if len(self.task_names) > 1:  # which task moves the weights most
                     own.update({f"{key}/{self.task_names[task]}": per_task[-1][key] for key in ("loss", "grad_norm")})
                     own[f"lr/{self.task_names[task]}"] = task_lr(task)
@@ -222,7 +223,8 @@ class LearnerGroup:
                 shares[rank] += mine[rank * per_rank:(rank + 1) * per_rank]
         return [actor.update.remote(LearnerShard([batch.parts[i].trajectory for i in share],
                                                  [advantages[offsets[i]:offsets[i + 1]] for i in share],
-                                                 [batch.parts[i].task for i in share], iteration))
+                                                 [batch.parts[i].task for i in share], iteration,
+                                                 [batch.parts[i].group_ids for i in share]))
                 for actor, share in zip(self.actors, shares)]
 
     @staticmethod

@@ -102,6 +102,7 @@ class LearnerShard:
     advantages: list[np.ndarray]  # one [B] float32 array per trajectory
     tasks: list[int]  # the task of each trajectory
     iteration: int
+    groups: Optional[list[np.ndarray]] = None  # one [B] int64 array of group ids per trajectory
 
     def fetch(self) -> Optional[list]:
         """The trajectories, or None when one is lost (its sampler died after handing it on)."""
