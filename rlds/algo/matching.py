@@ -70,7 +70,8 @@ def noise_draws(groups: Optional[np.ndarray], count: int) -> Optional[np.ndarray
     if groups is None:
         return None
     _, first, inverse = np.unique(np.asarray(groups), return_index=True, return_inverse=True)
-    order = np.argsort(np.argsort(first))  # renumber groups by first appearance
+    # numbered by first appearance, so that groups of one draw exactly what independent noise draws
+    order = np.argsort(np.argsort(first))
     if len(inverse) != count:
         raise ValueError(f"{len(inverse)} group ids for a batch of {count} samples")
     return order[inverse]
