@@ -175,4 +175,7 @@ def forward_update(policy, trajectories, advantages, optimizer, algo, rng, no_sy
         grad_norm = torch.nn.utils.clip_grad_norm_(params, algo.max_grad_norm)
         step_stats.append({"grad_norm": float(grad_norm)})
         optimizer.step()
-    return {**reduce_metrics(term_stats), **reduce_metrics(step_stats)}
+    metrics = {**reduce_metrics(term_stats), **reduce_metrics(step_stats)}
+    if shared:  # what the option shares in practice: 1.0 would mean the group ids never came
+        metrics["images_per_noise_draw"] = sum(map(len, draws)) / sum(int(d.max()) + 1 for d in draws)
+    return metrics
