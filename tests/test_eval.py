@@ -88,3 +88,29 @@ def test_a_model_folder_ships_its_base_evaluation_wherever_it_is_copied(tmp_path
     assert main(["eval", "configs/tiny.yaml", f"model.source={copy}", *small, "--out", str(tmp_path / "e2")]) == 0
     first, again = (json.loads((tmp_path / e / "eval.json").read_text()) for e in ("e1", "e2"))
     assert again["base"] == first["base"]
+
+
+def test_every_eval_image_has_its_own_seed_and_base_and_tuned_share_them(monkeypatch):
+    """A seed shared by every colour-free prompt moves all their figures with one noise draw, which
+    the standard error over prompts cannot show; each image gets its own, the same for every model."""
+    import rlds.eval as ev
+    from rlds.config import ModelConfig
+    from rlds.configure import load_config
+    from rlds.policy import load_policy
+
+    drawn = []
+    sample = ev._images
+
+    def recording(policy, prompts, seeds, *args, **kwargs):
+        drawn.append(list(seeds))
+        return sample(policy, prompts, seeds, *args, **kwargs)
+
+    monkeypatch.setattr(ev, "_images", recording)
+    config = load_config("configs/tiny.yaml", ("sampling.num_steps=2", "algo.timesteps_per_iteration=2"))
+    for _ in range(2):  # two models' evaluations
+        ev.evaluate_policy(load_policy(ModelConfig()), config, composition_prompts=3, composition_seeds=2,
+                           fairness_group=3, single_seeds=2, progress=False)
+    first, second = drawn[:len(drawn) // 2], drawn[len(drawn) // 2:]
+    assert first == second
+    seeds = [s for part in first for s in part]
+    assert len(seeds) == len(set(seeds)) > 0
