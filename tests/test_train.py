@@ -20,18 +20,23 @@ pytestmark = pytest.mark.timeout(300)
 # -0.028 on one CI machine and -0.022 to +0.145 over seeds 0-7 here (2 of 8 below 0.01): AdamW's
 # first steps move every weight by about the learning rate whatever the gradient's signal (approx_kl
 # 0.03-0.08 in iteration 1), and a noisy first move can set the run going darker. Batch 32 alone: 3
-# of 16 seeds below 0.01. Batch 32 with two warmup iterations: +0.008 to +0.095 in 13 draws (mean
-# 0.065); every timestep of the chain as well (6 of 6) did no better (+0.019 to +0.111, 12 draws).
+# of 16 seeds below 0.01. Batch 32 with two warmup iterations: +0.008 to +0.095 in 13 draws at
+# iteration 12, and +0.005 (4 standard errors) on CI; the gain does not rise every iteration (seed 6:
+# +0.044, +0.017, +0.044 at 8, 12, 16). At 16 iterations it was +0.044 to +0.121 over seeds 0-7, the
+# least 30 standard errors, so the test trains 16 and asks for 3 (a learner that does not train
+# leaves the images unchanged: gain 0).
 SYNC_BATCH = 32
+SYNC_ITERATIONS, SYNC_CHECKPOINT = 16, 8
 SYNC_RUN = ("learner.num_workers=2", f"algo.batch_size={SYNC_BATCH}", "algo.timesteps_per_iteration=3",
-            "checkpoint_every=6", "algo.learning_rate=1e-3", "algo.warmup_iterations=2")
+            f"checkpoint_every={SYNC_CHECKPOINT}", "algo.learning_rate=1e-3", "algo.warmup_iterations=2")
 
 
 @pytest.fixture(scope="module")
 def sync_run(ray_local, tiny_config, tmp_path_factory):
     """2 samplers, 2 brightness reward actors (+1 jpeg), 2 learner ranks over gloo, synchronous."""
     run_dir = tmp_path_factory.mktemp("sync")
-    config = tiny_config(f"run_dir={run_dir}", "iterations=12", *SYNC_RUN, "sample_grid_every=6")
+    config = tiny_config(f"run_dir={run_dir}", f"iterations={SYNC_ITERATIONS}", *SYNC_RUN,
+                         f"sample_grid_every={SYNC_CHECKPOINT}")
     Trainer(config, progress=False).run()
     return config, run_dir
 
@@ -39,8 +44,8 @@ def sync_run(ray_local, tiny_config, tmp_path_factory):
 def test_sync_run_learns_and_leaves_the_run_folder(sync_run):
     config, run_dir = sync_run
     rows = read_metrics(run_dir / "metrics.jsonl")
-    assert [r["iteration"] for r in rows] == list(range(1, 13))
-    assert rows[-1]["samples"] == 12 * SYNC_BATCH
+    assert [r["iteration"] for r in rows] == list(range(1, SYNC_ITERATIONS + 1))
+    assert rows[-1]["samples"] == SYNC_ITERATIONS * SYNC_BATCH
     for key in ("reward/mean", "reward/brightness/mean", "reward/jpeg_compressibility/mean", "loss",
                 "clipfrac", "approx_kl", "time/iteration_s", "throughput/samples_per_s", "policy_lag/max"):
         assert all(np.isfinite(r[key]) for r in rows), key
@@ -52,14 +57,15 @@ def test_sync_run_learns_and_leaves_the_run_folder(sync_run):
     # Learning, measured paired: the base and the final weights draw the same 64 seeded chains, so
     # the difference is the policy's alone. The training curve's first-vs-last mean is not a test:
     # its sampling noise (three iterations, 96 images a side) is as large as the gain, while the paired gain's standard
-    # error is about 0.0013 (gains in SYNC_RUN's comment), so five of them tell a brighter policy.
-    gain, se = paired_brightness_gain(config, run_dir / "checkpoints" / "iter_000012")
-    assert gain > 5 * se, (gain, se, trace(rows))
-    assert (run_dir / "config.yaml").is_file() and (run_dir / "samples" / "iter_000006.png").is_file()
-    assert (run_dir / "checkpoints" / "iter_000012" / "trainable.safetensors").is_file()
+    # error is about 0.0013 (gains in SYNC_RUN's comment).
+    final = run_dir / "checkpoints" / f"iter_{SYNC_ITERATIONS:06d}"
+    gain, se = paired_brightness_gain(config, final)
+    assert gain > 3 * se, (gain, se, trace(rows))
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "samples" / f"iter_{SYNC_CHECKPOINT:06d}.png").is_file()
+    assert (final / "trainable.safetensors").is_file()
     assert list((run_dir / "tensorboard").glob("events.out.tfevents*"))
     books = json.loads((run_dir / "accounting.json").read_text())
-    assert books["balanced"] and books["trained"] == 12 * SYNC_BATCH and books["sampled"] >= books["trained"]
+    assert books["balanced"] and books["trained"] == SYNC_ITERATIONS * SYNC_BATCH and books["sampled"] >= books["trained"]
     assert books["sampled"] == books["trained"] + sum(books["dropped"].values()) + books["in_flight"]
 
 
@@ -99,23 +105,25 @@ def paired_brightness_gain(config, checkpoint, n: int = 64) -> tuple[float, floa
 
 def test_resume_continues_at_the_checkpoint(sync_run, tiny_config):
     config, run_dir = sync_run
-    ckpt = run_dir / "checkpoints" / "iter_000006"
+    start, end = SYNC_CHECKPOINT, SYNC_CHECKPOINT + 2
+    ckpt = run_dir / "checkpoints" / f"iter_{start:06d}"
     state = json.loads((ckpt / "state.json").read_text())
-    assert state["iteration"] == 6 and state["samples"] == 6 * SYNC_BATCH
-    resumed = tiny_config(f"resume={ckpt}", "iterations=8", *SYNC_RUN)
+    assert state["iteration"] == start and state["samples"] == start * SYNC_BATCH
+    resumed = tiny_config(f"resume={ckpt}", f"iterations={end}", *SYNC_RUN)
     assert Trainer(resumed, progress=False).run() == run_dir
     rows = read_metrics(run_dir / "metrics.jsonl")
-    # rows 7..12 of the first run are replaced by the resumed 7..8: no gap, no repeat, no zero-step run
-    assert [r["iteration"] for r in rows] == list(range(1, 9))
-    assert rows[-1]["samples"] == 8 * SYNC_BATCH
-    assert json.loads((run_dir / "checkpoints" / "iter_000008" / "state.json").read_text())["iteration"] == 8
-    done = tiny_config(f"resume={run_dir / 'checkpoints' / 'iter_000008'}", "iterations=8")
+    # the first run's rows after the checkpoint are replaced by the resumed ones: no gap, no repeat, no zero-step run
+    assert [r["iteration"] for r in rows] == list(range(1, end + 1))
+    assert rows[-1]["samples"] == end * SYNC_BATCH
+    last = run_dir / "checkpoints" / f"iter_{end:06d}"
+    assert json.loads((last / "state.json").read_text())["iteration"] == end
+    done = tiny_config(f"resume={last}", f"iterations={end}")
     with pytest.raises(ValueError, match="nothing to train; raise iterations"):
         Trainer(done, progress=False).run()
     # A new run into the same folder without resume is refused: it would append to this run's rows.
     with pytest.raises(ConfigError, match="already holds a run's metrics.*resume=auto"):
         Trainer(tiny_config(f"run_dir={run_dir}", "iterations=2"), progress=False).run()
-    assert [r["iteration"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, 9))
+    assert [r["iteration"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, end + 1))
 
 
 LEARNING_KEYS = ("reward/mean", "loss", "grad_norm", "approx_kl", "clipfrac", "samples", "lr")
@@ -160,7 +168,7 @@ def test_sample_command_uses_the_checkpoint(sync_run, tmp_path):
 
     config, run_dir = sync_run
     cfg = str(run_dir / "config.yaml")
-    ckpt = str(run_dir / "checkpoints" / "iter_000012")
+    ckpt = str(run_dir / "checkpoints" / f"iter_{SYNC_ITERATIONS:06d}")
     args = ["sample", cfg, "--prompts", "a red circle", "--num-per-prompt", "2", "--no-progress"]
     assert main(args + ["--out", str(tmp_path / "tuned"), "--checkpoint", ckpt]) == 0
     assert main(args + ["--out", str(tmp_path / "base")]) == 0
