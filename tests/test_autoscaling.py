@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port, processes_of
+from conftest import free_ports, processes_of
 
 pytestmark = pytest.mark.timeout(480)
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def rows(path: Path) -> list[dict]:
 
 
 def test_samplers_scale_out_with_the_autoscalers_nodes_and_go_when_a_node_leaves(tmp_path):
-    gcs, dash, agent, client = (free_port() for _ in range(4))
+    gcs, dash, agent, client = free_ports(4)
     temp_dir = tempfile.mkdtemp(prefix="ra-", dir="/tmp")  # short: socket paths have a length limit
     ip = "127.0.0.1"
     # the head fits the learner, the rewards and one sampler; an added node fits two samplers more

@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import free_port, processes_of
+from conftest import free_ports, processes_of
 
 pytestmark = pytest.mark.timeout(420)
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +45,7 @@ def scrape(url: str) -> str:
 def test_the_readmes_job_submit_command_runs_on_a_head_of_our_own(tmp_path):
     command = readme_job_command()
     assert command[:3] == ["ray", "job", "submit"] and "--address" in command and "--no-progress" in command
-    gcs, dash, agent, metrics_port, client = (free_port() for _ in range(5))
+    gcs, dash, agent, metrics_port, client = free_ports(5)
     temp_dir = tempfile.mkdtemp(prefix="rj-", dir="/tmp")  # short: Ray's socket paths have a length limit
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}  # the job's `python` is the head's (README)

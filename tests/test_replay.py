@@ -117,6 +117,24 @@ def test_a_dead_samplers_reservations_and_entries_are_released(ray_local):
     assert stats["drops"]["sampler_died"] == 2 and books(stats)["balanced"] and books(stats)["sampled"] == 2
 
 
+def test_a_reservation_still_waiting_when_its_sampler_dies_is_not_granted(ray_local):
+    """A sampler killed while its reserve call waits for room: the call outlives it, and room freed
+    after the release must go to the living, or the store stays a batch short."""
+    ray = ray_local
+    from rlds.distributed.replay import ReplayStore
+
+    store = ReplayStore.remote(task_sizes=[4], capacity=4, max_staleness=1, reward_timeout_s=30)
+    assert ray.get(store.reserve.remote("a", 4, 0))[0] == "ok"
+    waiting = store.reserve.remote("b", 4, 0, 30.0)  # full: b waits for room
+    time.sleep(0.5)
+    assert ray.get(store.release.remote("b")) == 0  # b died while waiting
+    add(ray, store, "a", 0, {"r": ray.put(np.ones(4, np.float32))}, n=4)
+    assert ray.get(store.get_batch.remote(0, 5.0)) is not None  # room again
+    assert ray.get(waiting, timeout=30)[0] == "stop"
+    assert ray.get(store.stats.remote())["depth"] == 0
+    assert ray.get(store.reserve.remote("c", 4, 1))[0] == "ok"
+
+
 def test_tasks_fill_their_shares_and_batches_come_task_by_task(ray_local):
     ray = ray_local
     from rlds.distributed.replay import ReplayStore

@@ -96,7 +96,9 @@ class ReplayStore:
                     pass
 
     def _try_reserve(self, sampler: str, n: int, version: int) -> tuple[str, int]:
-        if self.closed:
+        # A dead sampler's call can still be waiting here for room: granted after its release, the
+        # reservation would hold that room for ever (a chaos run stalled on it, short of a batch).
+        if self.closed or sampler in self.dead:
             return "stop", -1
         best, best_progress = -1, None
         for task, size in enumerate(self.sizes):
