@@ -10,7 +10,7 @@ from rlds.data.pretrain_set import PretrainSet, examples, write_pretrain_set
 from rlds.data.shapes import (COLOURS, KINDS, RELATIONS, SIZE, Prompt, caption, heldout_prompts, parse_prompt,
                               prompts_of, relation_holds, render, sample_scene, scene_for_prompt, training_prompts)
 from rlds.rewards import build_reward
-from rlds.rewards.parity import statistical_parity
+from rlds.rewards.parity import NONE, expected_parity_reward, parity_reward, statistical_parity, tempered
 from rlds.rewards.shapes import COLOUR_NAMES, ShapesComposition, ShapesQuality, detect, segment
 
 
@@ -172,6 +172,43 @@ def test_parity_credits_the_rare_colour_and_keeps_the_group_reward_as_the_mean()
     assert values.mean() == pytest.approx(-statistical_parity(colours, COLOUR_NAMES), abs=1e-6)
     assert values[6] == pytest.approx(values[7]) and values[6] > values[0] + 0.1
     np.testing.assert_allclose(values[:6], values[0])
+
+
+def test_expected_parity_of_one_hot_rows_is_the_parity_of_their_labels():
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        labels = list(rng.choice(list(COLOUR_NAMES) + [NONE], size=int(rng.integers(1, 9))))
+        rows = np.array([np.eye(4)[COLOUR_NAMES.index(lab)] if lab != NONE else np.zeros(4) for lab in labels])
+        assert expected_parity_reward(rows) == pytest.approx(parity_reward(labels, COLOUR_NAMES))
+    sure, unsure = np.array([[0.999, 0.001, 0, 0]]), np.array([[0.9, 0.1, 0, 0]])
+    np.testing.assert_allclose(tempered(np.concatenate([sure, np.zeros((1, 4))]), 1.0)[1], 0.0)
+    assert np.all(tempered(np.zeros((2, 4)), 4.0) == 0)  # NONE stays NONE
+    spread = tempered(np.concatenate([sure, unsure]), 4.0)
+    np.testing.assert_allclose(spread.sum(1), 1.0)
+    assert spread[1, 0] - spread[0, 0] < 0.9 - 0.999  # tempering widens the gap between sure and unsure
+
+
+def test_soft_parity_ranks_a_group_of_one_colour_by_how_sure_each_shape_is():
+    rng = np.random.default_rng(10)
+    reds = np.stack([render(scene_for_prompt(Prompt((("red", "circle"),)), rng)) for _ in range(8)])
+    inner = (reds[0] == COLOURS["red"]).all(-1)
+    reds[0][inner] = (222, 110, 40)  # an orange-red: still labelled red, less surely
+    prompts, groups = ["a circle"] * 8, np.zeros(8)
+    hard = build_reward("shapes_parity", {})
+    assert hard.labels(reds, prompts) == ["red"] * 8
+    np.testing.assert_allclose(hard(reds, prompts, groups), -0.75)  # all alike: nothing to learn
+    soft = build_reward("shapes_parity", {"soft": 0.5, "soft_temperature": 4.0})
+    values = soft(reds, prompts, groups)
+    assert values[0] > values[1:].max() + 0.01
+    assert values.mean() == pytest.approx(soft.score_group(reds, "a circle"), abs=1e-6)
+    # the labels still decide most of the reward: a real second colour beats an unsure red
+    mixed = reds.copy()
+    mixed[1] = render(scene_for_prompt(Prompt((("blue", "circle"),)), rng))
+    assert soft(mixed, prompts, groups)[1] > values[0] + 0.05
+    with pytest.raises(ValueError, match="shapes_parity: soft 2 is not a share"):
+        build_reward("shapes_parity", {"soft": 2})
+    with pytest.raises(ValueError, match="shapes_parity: soft_temperature 0.5 is below 1"):
+        build_reward("shapes_parity", {"soft": 0.5, "soft_temperature": 0.5})
 
 
 def test_parity_with_a_quality_floor_counts_a_badly_drawn_shape_as_none():

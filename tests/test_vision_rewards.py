@@ -100,8 +100,8 @@ def clip_parity(tiny_clip):
 
 def test_clip_parity_classifies_batched_as_one_at_a_time(clip_parity):
     images = _images(7, size=48)
-    subject, classes = clip_parity.probabilities(images)
-    alone = [clip_parity.probabilities(images[i:i + 1]) for i in range(7)]
+    subject, classes = clip_parity.clip_probabilities(images)
+    alone = [clip_parity.clip_probabilities(images[i:i + 1]) for i in range(7)]
     np.testing.assert_allclose(subject, [a[0][0] for a in alone], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(classes, np.concatenate([a[1] for a in alone]), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(classes.sum(axis=1), 1.0, rtol=1e-5)

@@ -29,11 +29,13 @@ class ClipParity(ParityReward):
     """`clip_parity`: minus the statistical parity of a group's CLIP labels.
 
     args: model (hub id or folder, default openai/clip-vit-large-patch14), classes ({label: text},
-    default SKIN_TONE), subject, absent, subject_threshold, device (auto | cpu | cuda), batch_size."""
+    default SKIN_TONE), subject, absent, subject_threshold, device (auto | cpu | cuda), batch_size,
+    soft and soft_temperature (parity over CLIP's class probabilities too, rlds.rewards.parity; default off)."""
 
     def __init__(self, model: str = "openai/clip-vit-large-patch14", classes: dict | None = None,
                  subject: str = SUBJECT, absent: list | tuple = ABSENT, subject_threshold: float = 0.5,
-                 device: str = "auto", batch_size: int = 16):
+                 device: str = "auto", batch_size: int = 16, soft: float = 0.0,
+                 soft_temperature: float = 1.0):
         from transformers import CLIPModel, CLIPProcessor
 
         classes = dict(SKIN_TONE if classes is None else classes)
@@ -41,6 +43,7 @@ class ClipParity(ParityReward):
             raise ValueError(f"clip_parity: classes must name at least two labels other than {NONE!r}; "
                              f"got {list(classes)}")
         self.classes = tuple(classes)
+        self.set_soft(soft, soft_temperature, "clip_parity")
         self.device = reward_device(device)
         self.model, self.processor = load_vision_model(CLIPModel, CLIPProcessor, model, "clip_parity")
         self.model.to(self.device)
@@ -54,7 +57,7 @@ class ClipParity(ParityReward):
         return _unit(self.model.get_text_features(**tokens))
 
     @torch.no_grad()
-    def probabilities(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def clip_probabilities(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(P(subject) [B], P(class | subject) [B, |A|]) from CLIP's scaled cosine similarities."""
         subject, classes = [], []
         scale = self.model.logit_scale.exp()
@@ -65,10 +68,9 @@ class ClipParity(ParityReward):
             classes.append(torch.softmax(scale * embeds @ self.class_embeds.T, -1))
         return torch.cat(subject).cpu().numpy(), torch.cat(classes).cpu().numpy()
 
-    def labels(self, images, prompts):
-        subject, classes = self.probabilities(images)
-        return [self.classes[int(c.argmax())] if s >= self.subject_threshold else NONE
-                for s, c in zip(subject, classes)]
+    def probabilities(self, images, prompts):
+        subject, classes = self.clip_probabilities(images)
+        return np.where((subject >= self.subject_threshold)[:, None], classes, 0.0)
 
 
 def _unit(x) -> torch.Tensor:

@@ -247,12 +247,20 @@ class ShapesComposition(ImageReward):
 
 # ---------------------------------------------------------------- parity
 
-def colour_label(image: np.ndarray) -> str:
-    """The colour of the largest detected shape, or "none" (no blob, or one of no known colour)."""
+def colour_probabilities(image: np.ndarray) -> np.ndarray:
+    """The largest detected shape's colour posterior over COLOUR_NAMES, renormalised over them, or
+    zeros (no blob, or one of no known colour: no colour at 0.5 or more before renormalising)."""
     dets = [d for d in detect(image, max_detections=1) if d.area >= 12]
     if not dets or max(dets[0].colour_probs.values()) < 0.5:
-        return NONE
-    return dets[0].colour
+        return np.zeros(len(COLOUR_NAMES))
+    p = np.array([dets[0].colour_probs[c] for c in COLOUR_NAMES])
+    return p / p.sum()
+
+
+def colour_label(image: np.ndarray) -> str:
+    """The colour of the largest detected shape, or "none" (no blob, or one of no known colour)."""
+    p = colour_probabilities(image)
+    return COLOUR_NAMES[int(p.argmax())] if p.sum() > 0 else NONE
 
 
 class ShapesParity(ParityReward):
@@ -266,17 +274,22 @@ class ShapesParity(ParityReward):
 
     `colour_free_only` scores 0 for a group whose prompt names a colour: there the prompt, not
     fairness, decides the colour (a task can then mix colour-free prompts with colour-named ones that
-    another reward, the detector, holds to their colours, in one batch and one update)."""
+    another reward, the detector, holds to their colours, in one batch and one update).
+
+    `soft` > 0 mixes in parity over each shape's colour posterior (rlds.rewards.parity): in a group
+    of reds, the red least sure of being red scores highest."""
 
     min_image_size = SIZE
 
     classes = COLOUR_NAMES
 
-    def __init__(self, min_quality: float = 0.0, colour_free_only: bool = False):
+    def __init__(self, min_quality: float = 0.0, colour_free_only: bool = False, soft: float = 0.0,
+                 soft_temperature: float = 1.0):
         if not 0.0 <= min_quality <= 1.0:
             raise ValueError(f"min_quality {min_quality} is not a ShapesQuality score in [0, 1]")
         self.min_quality, self.quality = min_quality, ShapesQuality()
         self.colour_free_only = bool(colour_free_only)
+        self.set_soft(soft, soft_temperature, "shapes_parity")
 
     def __call__(self, images, prompts, group_ids):
         if not self.colour_free_only:
@@ -288,12 +301,11 @@ class ShapesParity(ParityReward):
                                          np.asarray(group_ids)[free])
         return out
 
-    def labels(self, images, prompts):
-        labels = [colour_label(im) for im in images]
+    def probabilities(self, images, prompts):
+        probs = np.stack([colour_probabilities(im) for im in images])
         if self.min_quality > 0:
-            clean = self.quality.score(images, prompts) >= self.min_quality
-            labels = [label if ok else NONE for label, ok in zip(labels, clean)]
-        return labels
+            probs[self.quality.score(images, prompts) < self.min_quality] = 0.0
+        return probs
 
 
 # ---------------------------------------------------------------- quality
