@@ -91,7 +91,10 @@ class Chaos:
             group = t.learners.actors if t.learners is not None else []
             if t.learners is not self.group:
                 self.group, self.group_rows = t.learners, self._rows()
-            trained = self._rows() > self.group_rows
+            # Not in the last iterations: a rank killed after the group's last update is never
+            # replaced (nothing is left to train), so the kill could not be checked against a restart.
+            rows = self._rows()
+            trained = self.group_rows < rows < t.config.iterations - 2
             actors = [] if not trained or any(a._actor_id.hex() in self.killed for a in group) else list(group)
         else:
             actors = [a for pools in t.pools for pool in pools for a in pool.actors
