@@ -174,12 +174,17 @@ def test_parity_credits_the_rare_colour_and_keeps_the_group_reward_as_the_mean()
     np.testing.assert_allclose(values[:6], values[0])
 
 
-def test_expected_parity_of_one_hot_rows_is_the_parity_of_their_labels():
+def test_parity_over_one_hot_rows_is_the_docstrings_formula_over_labels():
     rng = np.random.default_rng(3)
     for _ in range(20):
         labels = list(rng.choice(list(COLOUR_NAMES) + [NONE], size=int(rng.integers(1, 9))))
+        s_none = labels.count(NONE) / len(labels)
+        formula = -((1 - s_none) * statistical_parity(labels, COLOUR_NAMES) + s_none * 0.75)
         rows = np.array([np.eye(4)[COLOUR_NAMES.index(lab)] if lab != NONE else np.zeros(4) for lab in labels])
-        assert expected_parity_reward(rows) == pytest.approx(parity_reward(labels, COLOUR_NAMES))
+        assert expected_parity_reward(rows) == pytest.approx(formula)
+        assert parity_reward(labels, COLOUR_NAMES) == pytest.approx(formula)
+    with pytest.raises(ValueError, match="purple"):
+        parity_reward(["red", "purple"], COLOUR_NAMES)
     sure, unsure = np.array([[0.999, 0.001, 0, 0]]), np.array([[0.9, 0.1, 0, 0]])
     np.testing.assert_allclose(tempered(np.concatenate([sure, np.zeros((1, 4))]), 1.0)[1], 0.0)
     assert np.all(tempered(np.zeros((2, 4)), 4.0) == 0)  # NONE stays NONE

@@ -47,11 +47,17 @@ def statistical_parity(labels, classes) -> float:
     return float(((shares - 1.0 / len(classes)) ** 2).sum())
 
 
+def one_hot(labels: list[str], classes) -> np.ndarray:
+    """[n, |A|] rows: 1 at each label's class, a row of zeros for NONE."""
+    unknown = set(labels) - set(classes) - {NONE}
+    if unknown:
+        raise ValueError(f"labels {sorted(unknown)} are not among the classes {list(classes)}")
+    return np.array([[label == a for a in classes] for label in labels], np.float64).reshape(len(labels), len(classes))
+
+
 def parity_reward(labels: list[str], classes) -> float:
-    """R(G) of the module docstring, in [-(1 - 1/|A|), 0]."""
-    s_none = labels.count(NONE) / len(labels)
-    worst = 1.0 - 1.0 / len(classes)
-    return -((1 - s_none) * statistical_parity(labels, classes) + s_none * worst)
+    """R(G) of the module docstring over labels, in [-(1 - 1/|A|), 0]."""
+    return expected_parity_reward(one_hot(labels, classes))
 
 
 def tempered(probs: np.ndarray, temperature: float) -> np.ndarray:
@@ -66,7 +72,7 @@ def tempered(probs: np.ndarray, temperature: float) -> np.ndarray:
 
 def expected_parity_reward(probs: np.ndarray) -> float:
     """R(G) over expected shares: `probs` [n, |A|] holds each image's class probabilities, a row of
-    zeros for NONE. With one-hot rows it equals `parity_reward` of their labels."""
+    zeros for NONE; one-hot rows give R(G) of their labels."""
     probs = np.asarray(probs, np.float64)
     worst = 1.0 - 1.0 / probs.shape[1]
     classified = probs.sum(1) > 0
