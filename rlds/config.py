@@ -259,6 +259,12 @@ class AlgoConfig:
     # one, which guidance at evaluation subtracts, drifts with it unanchored; the base's pretraining
     # dropped 10% of captions
     pretrain_caption_dropout: float = 0.0
+    # Hold the guidance direction (conditional minus unconditional output) to the base's at the
+    # quietest `guidance_anchor_fraction` of noise levels, on L_pre's batch and in its step, with this
+    # weight (rlds.algo.regularizers.GuidanceAnchor): guidance at evaluation then amplifies what RL
+    # changes about layout and colour but not its fine detail. 0: off.
+    guidance_anchor_beta: float = 0.0
+    guidance_anchor_fraction: float = 0.5
 
 
 @dataclass
@@ -578,6 +584,13 @@ def check_config(c: Config, fail: Fail) -> None:
              "noise schedule from its clean end, e.g. [0.5, 1] for its noisiest half")
     if not 0 <= a.pretrain_caption_dropout < 1:
         fail("algo.pretrain_caption_dropout", "must be in [0, 1): the share of L_pre's captions replaced by \"\"")
+    if a.guidance_anchor_beta < 0:
+        fail("algo.guidance_anchor_beta", "must be 0 (off) or more")
+    if a.guidance_anchor_beta > 0 and a.pretrain_beta == 0:
+        fail("algo.guidance_anchor_beta", "the anchor is taken in L_pre's step, on its batch: set algo.pretrain_beta "
+             "(and algo.pretrain_data) too")
+    if not 0 < a.guidance_anchor_fraction <= 1:
+        fail("algo.guidance_anchor_fraction", "must be in (0, 1]: the quietest share of noise levels the anchor holds")
     if a.guided_noisiest_fraction is not None and not 0 < a.guided_noisiest_fraction <= 1:
         fail("algo.guided_noisiest_fraction",
              "must be in (0, 1]: the noisiest share of noise levels that the guided chains train on")

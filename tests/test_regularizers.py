@@ -87,3 +87,62 @@ def test_pretrain_caption_dropout_is_a_share(tmp_path):
     path.write_text("prompts: {items: [a]}\nrewards: [{name: brightness}]\nalgo: {pretrain_caption_dropout: 1.0}\n")
     with pytest.raises(ConfigError, match=r"algo.pretrain_caption_dropout: must be in \[0, 1\)"):
         load_config(str(path))
+
+
+def _perturbed(policy, scale=0.02, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in policy.unet.parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+def test_guidance_anchor_is_zero_at_the_reference_and_looks_only_at_quiet_rows(tmp_path):
+    from rlds.algo.matching import snapshot
+    from rlds.algo.regularizers import GuidanceAnchor
+
+    write_pretrain_set(tmp_path / "set.parquet", 16, seed=0)
+    images, captions = next(PretrainSet(tmp_path / "set.parquet", resolution=16).stream(16))
+    policy = load_policy(ModelConfig())
+    uncond = encode_prompts(policy, [""])
+    x_t = torch.randn(16, *policy.latent_shape, generator=torch.Generator().manual_seed(0))
+    t = torch.arange(16) * 60  # 0 .. 900 of 1000
+    cond = encode_prompts(policy, captions)
+    anchor = GuidanceAnchor(snapshot(policy.unet), weight=1.0, fraction=0.5)
+    calls = []
+    policy.unet.register_forward_pre_hook(lambda module, args: calls.append(args[1].clone()))
+    with torch.no_grad():
+        pred, held = anchor.loss(policy, x_t, t, cond, uncond)
+        assert held.item() < 1e-10  # the policy is its reference
+        plain = policy.unet(x_t, t, encoder_hidden_states=cond).sample
+        assert torch.allclose(pred, plain, atol=1e-5)  # the conditional output of every row
+        # the extra rows (the unconditional branch) are the quiet ones, t < 500
+        assert torch.equal(calls[0][16:], t[t < 500])
+        _perturbed(policy)
+        assert anchor.loss(policy, x_t, t, cond, uncond)[1].item() > 1e-6
+        # no row quiet enough: nothing held, and no second branch computed
+        assert anchor.loss(policy, x_t, t + 500, cond, uncond)[1].item() == 0
+
+
+def test_anchor_steps_bring_the_guidance_direction_back_to_the_reference(tmp_path):
+    from rlds.algo.matching import snapshot
+    from rlds.algo.regularizers import GuidanceAnchor
+
+    write_pretrain_set(tmp_path / "set.parquet", 16, seed=0)
+    images, captions = next(PretrainSet(tmp_path / "set.parquet", resolution=16).stream(16))
+    policy = load_policy(ModelConfig())
+    anchor = GuidanceAnchor(snapshot(policy.unet), weight=1.0, fraction=1.0)
+    _perturbed(policy, seed=1)
+    opt = make_optimizer([p for p in policy.unet.parameters() if p.requires_grad], AlgoConfig(learning_rate=1e-3))
+    held = [pretrain_step(policy, opt, images, captions, 0.0, 1.0, torch.Generator().manual_seed(0),
+                          anchor=anchor)["guidance_anchor"] for _ in range(10)]
+    assert held[0] > 0 and held[-1] < 0.5 * held[0]  # the same batch, noise and timesteps every step
+
+
+def test_the_guidance_anchor_rides_l_pre(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("prompts: {items: [a]}\nrewards: [{name: brightness}]\nalgo: {guidance_anchor_beta: 1.0}\n")
+    with pytest.raises(ConfigError, match="algo.guidance_anchor_beta: the anchor is taken in L_pre's step"):
+        load_config(str(path))
+    with pytest.raises(ConfigError, match=r"algo.guidance_anchor_fraction: must be in \(0, 1\]"):
+        load_config(str(path), ("algo.guidance_anchor_beta=0", "algo.guidance_anchor_fraction=0"))

@@ -193,16 +193,20 @@ def test_sample_command_uses_the_checkpoint(sync_run, tmp_path):
 
 
 def test_async_lag_never_exceeds_max_staleness_with_the_pretraining_step(ray_local, tiny_config, tmp_path):
+    """The L_pre step with the guidance anchor, through the learners' DDP."""
     from rlds.data.pretrain_set import write_pretrain_set
 
     write_pretrain_set(tmp_path / "pretrain.parquet", 64, seed=0)
     config = tiny_config(f"run_dir={tmp_path}", "iterations=6", "replay.max_staleness=1",
                          "algo.pretrain_beta=0.5", f"algo.pretrain_data={tmp_path / 'pretrain.parquet'}",
-                         "algo.pretrain_batch_size=8")
+                         "algo.pretrain_batch_size=8", "algo.guidance_anchor_beta=1.0")
     Trainer(config, progress=False).run()
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert len(rows) == 6 and all(r["policy_lag/max"] <= 1 for r in rows)
     assert all(np.isfinite(r["pretrain_loss"]) and r["pretrain_grad_norm"] > 0 for r in rows)
+    # taken after each iteration's RL step, against the base's weights
+    anchor = [r["guidance_anchor"] for r in rows]
+    assert all(np.isfinite(a) and a >= 0 for a in anchor) and max(anchor) > 0
     assert sum(r.get("drops/stale", 0) for r in rows[-1:]) == 0
 
 

@@ -83,6 +83,13 @@ class LearnerActor:
                                resolution=self.policy.unet.config.sample_size * factor)
             self.pretrain_batches = data.stream(algo.pretrain_batch_size, seed=self.config.seed * 1000 + self.rank,
                                                 start=self.start_iteration)
+        self.anchor = None
+        if algo.guidance_anchor_beta > 0:  # the reference is the weights loaded here: the base's
+            from rlds.algo.matching import snapshot
+            from rlds.algo.regularizers import GuidanceAnchor
+
+            self.anchor = GuidanceAnchor(snapshot(self.policy.unet), algo.guidance_anchor_beta,
+                                         algo.guidance_anchor_fraction)
         return sum(p.numel() for p in self.params)
 
     def load_state(self, trainable: bytes, optimizer: bytes) -> None:
@@ -171,7 +178,7 @@ class LearnerActor:
                 generator = torch.Generator(self.device).manual_seed(int(rng.integers(2**62)))  # noise, timesteps
                 stats.update(pretrain_step(train_policy, optimizer, images, captions, cfg.pretrain_beta,
                                            cfg.max_grad_norm, generator, tuple(cfg.pretrain_noise_range),
-                                           cfg.pretrain_caption_dropout))
+                                           cfg.pretrain_caption_dropout, self.anchor))
             stats.update(self.objective.end_iteration(self.policy.unet))
             stats["lr"] = lr
             if self.rank == 0:
