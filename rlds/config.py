@@ -260,9 +260,9 @@ class AlgoConfig:
     # dropped 10% of captions
     pretrain_caption_dropout: float = 0.0
     # Hold the guidance direction (conditional minus unconditional output) to the base's at the
-    # quietest `guidance_anchor_fraction` of noise levels, on L_pre's batch and in its step, with this
-    # weight (rlds.algo.regularizers.GuidanceAnchor): guidance at evaluation then amplifies what RL
-    # changes about layout and colour but not its fine detail. 0: off.
+    # quietest `guidance_anchor_fraction` of noise levels by moving the unconditional branch, on L_pre's
+    # batch and in its step, with this weight (rlds.algo.regularizers.GuidanceAnchor): guidance at
+    # evaluation then amplifies what RL changes about layout and colour but not its fine detail. 0: off.
     guidance_anchor_beta: float = 0.0
     guidance_anchor_fraction: float = 0.5
 

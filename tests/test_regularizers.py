@@ -146,3 +146,34 @@ def test_the_guidance_anchor_rides_l_pre(tmp_path):
         load_config(str(path))
     with pytest.raises(ConfigError, match=r"algo.guidance_anchor_fraction: must be in \(0, 1\]"):
         load_config(str(path), ("algo.guidance_anchor_beta=0", "algo.guidance_anchor_fraction=0"))
+
+
+def test_the_guidance_anchor_moves_the_unconditional_branch_only(tmp_path):
+    from rlds.algo.matching import snapshot
+    from rlds.algo.regularizers import GuidanceAnchor
+    from rlds.policy.pipeline import WithParams
+
+    policy = load_policy(ModelConfig())
+    reference = snapshot(policy.unet)
+    _perturbed(policy, seed=2)
+    uncond = encode_prompts(policy, ["", ""])
+    cond = encode_prompts(policy, ["a red circle", "a blue square"])
+    x_t = torch.randn(2, *policy.latent_shape, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([100, 300])
+    params = [p for p in policy.unet.parameters() if p.requires_grad]
+
+    def grads(loss):
+        return torch.autograd.grad(loss, params, allow_unused=True)
+
+    held = GuidanceAnchor(reference, weight=1.0, fraction=0.5).loss(policy, x_t, t, cond, uncond[:1])[1]
+    with torch.no_grad():  # the target: the conditional output less the reference's direction, held fixed
+        c = policy.unet(x_t, t, encoder_hidden_states=cond).sample
+        policy_ref = WithParams(policy.unet, reference)
+        target = c - (policy_ref(x_t, t, encoder_hidden_states=cond).sample
+                      - policy_ref(x_t, t, encoder_hidden_states=uncond).sample)
+    u = policy.unet(x_t, t, encoder_hidden_states=uncond).sample
+    expected = (u - target).pow(2).mean()
+    assert held.item() == pytest.approx(expected.item(), rel=1e-4)
+    for got, want in zip(grads(held), grads(expected)):
+        if want is not None:
+            assert torch.allclose(got, want, rtol=1e-3, atol=1e-7)

@@ -59,14 +59,16 @@ def pretraining_loss(policy: Policy, images: np.ndarray, captions: list[str],
 @dataclass
 class GuidanceAnchor:
     """Holds the guidance direction c - u (conditional minus unconditional output) to the reference
-    policy's at the quietest `fraction` of noise levels: weight * mean |(c - u) - (c_ref - u_ref)|^2.
+    policy's at the quietest `fraction` of noise levels, by moving the unconditional branch alone:
+    weight * mean |u - (sg(c) - (c_ref - u_ref))|^2, sg a stop-gradient.
 
     Guidance at scale s turns changes dc and du of the two branches into du + s (dc - du) of the
     guided output. RL trains the conditional branch, the unconditional one follows only part of the way
     through the shared weights, and at s = 4 the rest shows three times over: ShapesWorld's tuned
     models draw better than the base without guidance and worse with it (README, "Where the quality
-    goes"). At dc = du the guided output moves by dc alone. Held only where the noise is low, where fine
-    detail is drawn, so that guidance still amplifies what RL teaches about layout and colour."""
+    goes"). At du = dc the guided output moves by dc alone. Held only where the noise is low, where fine
+    detail is drawn, so that guidance still amplifies what RL teaches about layout and colour; and
+    only through u, since pulling c back pulls against what RL trains (README, seventeenth session)."""
     reference: dict[str, torch.Tensor]  # values of the trainable parameters (rlds.algo.matching.snapshot)
     weight: float
     fraction: float = 0.5
@@ -86,7 +88,7 @@ class GuidanceAnchor:
         ref_u, ref_c = WithParams(policy.unet, self.reference)(
             torch.cat([xq, xq]), torch.cat([tq, tq]), encoder_hidden_states=torch.cat([empty, cond[quiet]])
         ).sample.float().chunk(2)
-        return pred, ((pred[quiet] - u) - (ref_c - ref_u)).pow(2).mean()
+        return pred, (u - (pred[quiet].detach() - (ref_c - ref_u))).pow(2).mean()
 
 
 def pretrain_step(policy: Policy, optimizer: torch.optim.Optimizer, images: np.ndarray, captions: list[str],
