@@ -112,6 +112,10 @@ class PromptConfig:
     # a file (one prompt a line); a ShapesWorld task has its own (rlds.data.shapes.split)
     validation_items: list[str] = field(default_factory=list)
     validation_file: Optional[str] = None
+    # how a list (items or a ShapesWorld set) is drawn from: random (each group's prompt i.i.d.) or
+    # passes (shuffled passes over each set, shared by the samplers, rlds.data.prompts.PromptPasses);
+    # a file or generated set is always read in shuffled passes, shard by shard
+    order: str = "random"
 
 
 @dataclass

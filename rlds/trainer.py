@@ -21,8 +21,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from rlds.algo.advantages import PerPromptStatTracker, compute_advantages
 from rlds.checkpoint import complete_checkpoints, latest_checkpoint, read_checkpoint, save_checkpoint
 from rlds.config import Config, ConfigError, actor_threads, dump_config, task_list, validation_keys
-from rlds.data.prompts import (prompt_group_sizes, prompt_guidance_scales, prompt_list, prompt_sets, prompt_source,
-                               prompt_weights, validation_prompt_sets)
+from rlds.data.prompts import (prompt_group_sizes, prompt_guidance_scales, prompt_list, prompt_passes, prompt_sets,
+                               prompt_source, prompt_weights, validation_prompt_sets)
 from rlds.distributed.learner import LearnerGroup
 from rlds.distributed.protocol import TrainingBatch, UpdateResult, ValidationResult
 from rlds.distributed.replay import ReplayStore, books, next_batch
@@ -117,7 +117,8 @@ class Trainer:
         self.pools = [[RewardPool(r, actor_threads(c, r.num_cpus)) for r in t.rewards] for t in self.tasks]
         first_ids = self.first_prompt_ids = np.cumsum([0] + [len(p) for p in self.prompts])
         self.sampler_tasks = [SamplerTask(t.name, p, t.images_per_prompt, pools, int(first), src, prompt_weights(t),
-                                          prompt_guidance_scales(t, c.sampling.guidance_scale), prompt_group_sizes(t))
+                                          prompt_guidance_scales(t, c.sampling.guidance_scale), prompt_group_sizes(t),
+                                          prompt_passes(t))
                               for t, p, pools, first, src in zip(self.tasks, self.prompts, self.pools, first_ids,
                                                                  self.sources)]
         self.learners = LearnerGroup(c, self.weights, start_iteration)
@@ -401,9 +402,8 @@ class Trainer:
         if not saved or not saved["positions"]:
             return
         if saved["samplers"] != self.config.sampler.max_workers:
-            log.warning("resume: the checkpoint's prompt shards were cut for %d samplers and this run has %d; "
-                        "the streamed prompt files start again from their beginning", saved["samplers"],
-                        self.config.sampler.max_workers)
+            log.warning("resume: the checkpoint's prompt shards and passes were cut for %d samplers and this run "
+                        "has %d; they start again from their beginning", saved["samplers"], self.config.sampler.max_workers)
             return
         self.prompt_positions = {(i, t): (epoch, drawn) for i, t, epoch, drawn in saved["positions"]}
 

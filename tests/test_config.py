@@ -138,6 +138,37 @@ def test_sets_drawn_in_groups_of_their_own_size_fill_each_batch_exactly():
             load_config(mix, (f"prompts.images_per_prompt_by_set={bad}",))
 
 
+def test_prompt_passes_draw_every_prompt_once_a_pass_across_samplers_and_resume_where_they_were():
+    """prompts.order: passes: two samplers share one shuffled pass over each set (no prompt twice
+    before all are drawn), the sets keep their shares, groups of their own size fill each batch, and
+    a sampler rebuilt at its position draws what it would have drawn."""
+    import numpy as np
+
+    from rlds.cli import CONFIG_DIR
+    from rlds.config import task_list
+    from rlds.data.prompts import PromptPasses, prompt_list, prompt_passes, prompt_sets
+
+    mix = str(CONFIG_DIR / "shapes_mix_nft.yaml")  # batches of 16, groups of 8, mix {fairness: 0.25}
+    task = task_list(load_config(mix, ("prompts.order=passes",)))[0]
+    sets, prompts = np.array(prompt_sets(task)), prompt_list(task)
+    named = int((sets == "composition").sum())
+    assert prompt_passes(task) == [(named, 0.75, 8), (len(sets) - named, 0.25, 8)]
+    samplers = [PromptPasses(prompt_passes(task), 16, i, 2, seed=3) for i in range(2)]
+    drawn = np.concatenate([s.draw() for _ in range(named // 3 + 2) for s in samplers])  # a pass of named groups
+    assert abs((sets[drawn] == "fairness").mean() - 0.25) < 0.005
+    first_pass = drawn[sets[drawn] == "composition"][:named]
+    assert len(set(first_pass.tolist())) == named  # i.i.d. draws would leave about 1/e unseen
+    assert len({prompts[i] for i in drawn[sets[drawn] == "fairness"]}) == len(sets) - named
+    again = PromptPasses(prompt_passes(task), 16, 1, 2, seed=3, batches=samplers[1].position[1])
+    assert [again.draw().tolist() for _ in range(5)] == [samplers[1].draw().tolist() for _ in range(5)]
+    assert prompt_passes(task_list(load_config(mix))[0]) is None  # random by default
+    mixed = PromptPasses([(5, 0.5, 4), (3, 0.5, 8)], 16, 0, 1, seed=0)
+    for _ in range(20):
+        assert sum(4 if i < 5 else 8 for i in mixed.draw()) == 16
+    with pytest.raises(ConfigError, match="prompts.order: 'sorted' is not one of random, passes"):
+        load_config(mix, ("prompts.order=sorted",))
+
+
 def test_a_mix_draws_each_shapes_set_in_its_share_and_validates_each():
     import numpy as np
 

@@ -130,12 +130,15 @@ def test_resume_continues_at_the_checkpoint(sync_run, tiny_config):
 LEARNING_KEYS = ("reward/mean", "loss", "grad_norm", "approx_kl", "clipfrac", "samples", "lr")
 
 
-def test_a_resumed_run_repeats_the_uninterrupted_one_row_for_row(ray_local, tiny_config, tmp_path):
+@pytest.mark.parametrize("order", ["random", "passes"])
+def test_a_resumed_run_repeats_the_uninterrupted_one_row_for_row(ray_local, tiny_config, tmp_path, order):
     """Synchronous, one sampler, one learner, CPU: stopped at the checkpoint of iteration 2 and
-    resumed (resume=auto, the same run_dir), it trains what the uninterrupted run trained; a second
-    resubmission of the finished run trains nothing; older checkpoints beyond the newest 2 go."""
+    resumed (resume=auto, the same run_dir), it trains what the uninterrupted run trained, its prompts
+    drawn i.i.d. or in passes (which resume at the checkpoint's place); a second resubmission of the
+    finished run trains nothing; older checkpoints beyond the newest 2 go."""
     common = ("sampler.num_workers=1", "iterations=4", "checkpoint_every=2", "algo.pretrain_beta=0.5",
-              f"algo.pretrain_data={tmp_path / 'pretrain.parquet'}", "algo.pretrain_batch_size=8")
+              f"algo.pretrain_data={tmp_path / 'pretrain.parquet'}", "algo.pretrain_batch_size=8",
+              f"prompts.order={order}")
     from rlds.data.pretrain_set import write_pretrain_set
 
     write_pretrain_set(tmp_path / "pretrain.parquet", 64, seed=0)

@@ -14,6 +14,7 @@ from rlds.data.shapes import TASKS, prompts_of, training_prompts
 from rlds.data.sources import FORMATS, FileSource, GeneratedSource, first_prompts, read_prompts
 
 SOURCES = ("items", "file", "shapes", "generated")
+ORDERS = ("random", "passes")
 
 
 def check_prompts(p: PromptConfig, key: str, fail, validation: bool = False, group_size: int = 1,
@@ -60,6 +61,11 @@ def check_prompts(p: PromptConfig, key: str, fail, validation: bool = False, gro
             if size % min(sizes) or batch_size % size:
                 fail(f"{key}prompts.images_per_prompt_by_set", f"{name}: groups of {size} must divide "
                      f"sampler.batch_size ({batch_size}) and be a multiple of the smallest group ({min(sizes)})")
+    if p.order not in ORDERS:
+        fail(f"{key}prompts.order", f"{p.order!r} is not one of {', '.join(ORDERS)}")
+    if p.order == "passes" and not (p.items or p.shapes):
+        fail(f"{key}prompts.order", "passes is for a list (prompts.items or prompts.shapes); a file or a "
+             "generated set is always read in shuffled passes")
     if p.generated and p.generated not in KINDS:
         fail(f"{key}prompts.generated", f"{p.generated!r} is not one of {', '.join(KINDS)}")
     if p.generated_args and not p.generated:
@@ -151,6 +157,75 @@ def draw_groups(rng: np.random.Generator, count: int, images: int, group_size: i
         drawn.append(int(rng.choice(count, p=fits / fits.sum())))
         left -= int(sizes[drawn[-1]])
     return np.array(drawn, np.int64)
+
+
+class PromptPasses:
+    """A list task's groups drawn in shuffled passes (`prompts.order: passes`): each set of prompts
+    (`prompts.shapes` and each `prompts.mix` set; an inline list is one set) is gone through in a
+    shuffled order before any of its prompts comes again, the samplers taking turns in one order per
+    pass (sampler i draws places i, i + count, ... of it). So a run spreads over as many prompts as it
+    draws groups, where i.i.d. draws leave about 1/e of them unseen after one pass's worth.
+    Which set a group comes from keeps the sets' shares (the set furthest behind its share goes next,
+    among those whose groups fit in what is left of the batch). The state is the number of batches
+    drawn (`position`): a resumed or restarted sampler replays the choice of sets, not the prompts."""
+
+    def __init__(self, sets: list[tuple[int, float, int]], images: int, index: int, count: int, seed: int,
+                 batches: int = 0):
+        """`sets`: (prompts, share of the groups, group size) of each set, in `prompt_list` order;
+        `images` a batch; `index` of `count` samplers; `batches` already drawn (resuming)."""
+        self.sizes = np.array([n for n, _, _ in sets], np.int64)
+        self.shares = np.array([share for _, share, _ in sets], np.float64)
+        self.group_sizes = np.array([g for _, _, g in sets], np.int64)
+        self.starts = np.cumsum([0, *self.sizes[:-1]])
+        self.images, self.index, self.count, self.seed = images, index, count, seed
+        self.credit = np.zeros(len(sets))
+        self.taken = np.zeros(len(sets), np.int64)  # this sampler's groups from each set so far
+        self.batches, self._orders = 0, {}
+        for _ in range(batches):
+            np.add.at(self.taken, self._choose_sets(), 1)
+
+    @property
+    def position(self) -> tuple[int, int]:
+        return 0, self.batches
+
+    def _choose_sets(self) -> list[int]:
+        chosen, left = [], self.images
+        while left > 0:
+            self.credit += self.shares
+            fits = np.where(self.group_sizes <= left, self.credit, -np.inf)
+            s = int(np.argmax(fits))
+            if not np.isfinite(fits[s]):
+                raise ValueError(f"PromptPasses: no group fits the {left} images left of the batch "
+                                 f"(sizes {sorted(set(self.group_sizes.tolist()))})")
+            self.credit[s] -= self.shares.sum()
+            chosen.append(s)
+            left -= int(self.group_sizes[s])
+        self.batches += 1
+        return chosen
+
+    def _place(self, s: int) -> int:
+        epoch, at = divmod(int(self.taken[s]) * self.count + self.index, int(self.sizes[s]))
+        self.taken[s] += 1
+        if (s, epoch) not in self._orders:  # keep one pass's order a set
+            self._orders = {k: v for k, v in self._orders.items() if k[0] != s}
+            self._orders[s, epoch] = np.random.default_rng([self.seed, s, epoch]).permutation(int(self.sizes[s]))
+        return int(self.starts[s] + self._orders[s, epoch][at])
+
+    def draw(self) -> np.ndarray:
+        """The prompts (indices into the task's list) of the next batch's groups."""
+        return np.array([self._place(s) for s in self._choose_sets()], np.int64)
+
+
+def prompt_passes(task) -> Optional[list[tuple[int, float, int]]]:
+    """What `PromptPasses` needs of a task with `prompts.order: passes`, (prompts, share, group size)
+    a set; None for i.i.d. draws."""
+    p = task.prompts
+    if p.order != "passes":
+        return None
+    if not p.shapes:
+        return [(len(p.items), 1.0, task.images_per_prompt)]
+    return [(len(training_prompts(name)), share, p.images_per_prompt_by_set.get(name, task.images_per_prompt))
+            for name, share in _shapes_sets(p)]
 
 
 def prompt_sets(task) -> Optional[list[str]]:

@@ -16,7 +16,7 @@ import numpy as np
 import ray
 
 from rlds.config import Config, actor_threads
-from rlds.data.prompts import draw_groups
+from rlds.data.prompts import PromptPasses, draw_groups
 from rlds.data.sources import FileSource, GeneratedSource, PromptShard, prompt_id
 from rlds.distributed.protocol import SampledBatch
 from rlds.stats import image_stats, timer
@@ -37,6 +37,8 @@ class SamplerTask:
     guidance_scales: Optional[np.ndarray] = None
     # each prompt's group size (prompts.images_per_prompt_by_set); None: images_per_prompt
     group_sizes: Optional[np.ndarray] = None
+    # (prompts, share, group size) of each set drawn in shuffled passes (prompts.order); None: i.i.d.
+    passes: Optional[list[tuple[int, float, int]]] = None
 
 
 class SamplerLoop:
@@ -77,6 +79,9 @@ class SamplerLoop:
         self.shards = {t: PromptShard(task.source, "train", self.index, self.config.sampler.max_workers,
                                       self.config.seed, tuple(positions.get(t, (0, 0))))
                        for t, task in enumerate(tasks) if task.source is not None}
+        self.passes = {t: PromptPasses(task.passes, self.config.sampler.batch_size, self.index,
+                                       self.config.sampler.max_workers, self.config.seed, positions.get(t, (0, 0))[1])
+                       for t, task in enumerate(tasks) if task.passes is not None}
         self.version, self.batches = -1, 0
         self.batches_on_version = 0  # batches sampled with the weights held now
         self.times = {"idle": 0.0, "busy": 0.0, "sync": 0.0}  # seconds, by rlds.stats.timer
@@ -143,7 +148,8 @@ class SamplerLoop:
                                      self.batches_on_version])
         self.batches_on_version += 1
         if task.source is None:
-            drawn = draw_groups(rng, len(task.prompts), n, g, task.weights, task.group_sizes)
+            drawn = (self.passes[t].draw() if t in self.passes else
+                     draw_groups(rng, len(task.prompts), n, g, task.weights, task.group_sizes))
             sizes = np.full(len(drawn), g) if task.group_sizes is None else task.group_sizes[drawn]
             local_ids = np.repeat(drawn, sizes)
         else:
@@ -166,6 +172,7 @@ class SamplerLoop:
         scores = {pool.name: pool.score(images, traj.prompts, group_ids, self.batches + self.index)
                   for pool in task.pools}
         position = self.shards[t].position if t in self.shards else None
+        position = self.passes[t].position if t in self.passes else position
         return SampledBatch(self.actor_id, t, ray.put(traj), scores, self.version, prompt_ids, group_ids,
                             image_stats(traj.images), prompt_position=position)
 
