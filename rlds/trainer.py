@@ -97,7 +97,8 @@ class Trainer:
         self.last_checkpoint: Optional[Path] = None  # what a rebuilt learner group starts from
         self.reported_errors: set[str] = set()  # drop reasons already logged
         self.incarnations: dict[int, int] = {}
-        # (sampler, task) -> (epoch, drawn) in the sampler's shard, as of the newest batch trained
+        # (sampler, task) -> (epoch, drawn) in the sampler's shard, or (0, batches) of its prompt passes,
+        # as of the newest batch trained
         self.prompt_positions: dict[tuple[int, int], tuple[int, int]] = {}
 
     # ------------------------------------------------------------------ setup
