@@ -180,7 +180,8 @@ class PromptPasses:
         self.images, self.index, self.count, self.seed = images, index, count, seed
         self.credit = np.zeros(len(sets))
         self.taken = np.zeros(len(sets), np.int64)  # this sampler's groups from each set so far
-        self.batches, self._orders = 0, {}
+        self.batches = 0
+        self._orders: dict[int, tuple[int, np.ndarray]] = {}  # set -> (pass, its shuffled order)
         for _ in range(batches):
             np.add.at(self.taken, self._choose_sets(), 1)
 
@@ -206,10 +207,9 @@ class PromptPasses:
     def _place(self, s: int) -> int:
         epoch, at = divmod(int(self.taken[s]) * self.count + self.index, int(self.sizes[s]))
         self.taken[s] += 1
-        if (s, epoch) not in self._orders:  # keep one pass's order a set
-            self._orders = {k: v for k, v in self._orders.items() if k[0] != s}
-            self._orders[s, epoch] = np.random.default_rng([self.seed, s, epoch]).permutation(int(self.sizes[s]))
-        return int(self.starts[s] + self._orders[s, epoch][at])
+        if self._orders.get(s, (None,))[0] != epoch:
+            self._orders[s] = epoch, np.random.default_rng([self.seed, s, epoch]).permutation(int(self.sizes[s]))
+        return int(self.starts[s] + self._orders[s][1][at])
 
     def draw(self) -> np.ndarray:
         """The prompts (indices into the task's list) of the next batch's groups."""

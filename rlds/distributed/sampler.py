@@ -171,8 +171,8 @@ class SamplerLoop:
         images = ray.put(traj.images)  # a top-level argument: each reward actor receives the array
         scores = {pool.name: pool.score(images, traj.prompts, group_ids, self.batches + self.index)
                   for pool in task.pools}
-        position = self.shards[t].position if t in self.shards else None
-        position = self.passes[t].position if t in self.passes else position
+        order = self.shards.get(t) or self.passes.get(t)  # what resumes at a place: a shard or a pass
+        position = order.position if order is not None else None
         return SampledBatch(self.actor_id, t, ray.put(traj), scores, self.version, prompt_ids, group_ids,
                             image_stats(traj.images), prompt_position=position)
 
