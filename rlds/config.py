@@ -222,7 +222,7 @@ class AlgoConfig:
     # Multi-task runs: `shared`, one AdamW for every task's step (the paper's joint training), or
     # `per_task`, AdamW moments of each task's own. Shared moments are sized by the task with the
     # largest gradients, which then sets every other task's step too (the fairness task's gradients ran
-    # 2-10x the composition task's; README, "Tasks side by side and in turn", for what each gave).
+    # 2-10x the composition task's; docs/results.md, "Tasks side by side and in turn", for what each gave).
     task_moments: str = "shared"
     # A KL to the frozen reference (the base) policy, its weight: for the forward-process objectives
     # the matching form, the mean squared difference of the two outputs at the same x_t.
@@ -235,7 +235,7 @@ class AlgoConfig:
     guided_training: bool = False
     # nft, awm: the share of terms trained with the empty prompt instead of the sample's: the
     # unconditional branch, which guidance subtracts at evaluation, then learns from the policy's
-    # samples too (README, "Where the quality goes": no better than 0 on four ShapesWorld seeds)
+    # samples too (docs/results.md, "Where the quality goes": no better than 0 on four ShapesWorld seeds)
     caption_dropout: float = 0.0
     # nft, awm: the noisiest share of noise levels that the chains sampled with guidance (scale above 1,
     # e.g. prompts.guidance_scale_by_set) train on; None: algo.noisiest_fraction. The conditional

@@ -255,6 +255,18 @@ def test_composition_colour_named_only_leaves_colour_free_groups_to_the_parity_r
     np.testing.assert_allclose(named[2:], plain[2:])  # a named colour is scored as before
 
 
+def test_quality_colour_named_only_scores_colour_named_prompts_alone():
+    rng = np.random.default_rng(9)
+    reds = np.stack([render(scene_for_prompt(Prompt((("red", "circle"),)), rng)) for _ in range(4)])
+    reds[1] = np.clip(reds[1] + rng.normal(0, 30, reds[1].shape), 0, 255).astype(np.uint8)
+    prompts = ["a circle", "a circle", "a red circle", "a red circle"]
+    plain = build_reward("shapes_quality", {})(reds, prompts, np.array([0, 0, 1, 1]))
+    named = build_reward("shapes_quality", {"colour_named_only": True})(reds, prompts, np.array([0, 0, 1, 1]))
+    assert plain[0] > plain[1] + 0.3  # the noisy red would rank below the clean one
+    np.testing.assert_allclose(named[:2], 0.0)       # "a circle": colour-free, left to the parity reward
+    np.testing.assert_allclose(named[2:], plain[2:])  # a named colour is scored as before
+
+
 def test_quality_ranks_render_above_noisy_render_above_noise():
     rng = np.random.default_rng(6)
     quality = ShapesQuality()

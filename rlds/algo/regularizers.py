@@ -65,10 +65,10 @@ class GuidanceAnchor:
     Guidance at scale s turns changes dc and du of the two branches into du + s (dc - du) of the
     guided output. RL trains the conditional branch, the unconditional one follows only part of the way
     through the shared weights, and at s = 4 the rest shows three times over: ShapesWorld's tuned
-    models draw better than the base without guidance and worse with it (README, "Where the quality
-    goes"). At du = dc the guided output moves by dc alone. Held only where the noise is low, where fine
+    models draw better than the base without guidance and worse with it (docs/results.md, "Where the
+    quality goes"). At du = dc the guided output moves by dc alone. Held only where the noise is low, where fine
     detail is drawn, so that guidance still amplifies what RL teaches about layout and colour; and
-    only through u, since pulling c back pulls against what RL trains (README, seventeenth session)."""
+    only through u, since pulling c back pulls against what RL trains (docs/results.md, seventeenth session)."""
     reference: dict[str, torch.Tensor]  # values of the trainable parameters (rlds.algo.matching.snapshot)
     weight: float
     fraction: float = 0.5

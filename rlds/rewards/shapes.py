@@ -334,16 +334,22 @@ class ShapesQuality(ImageReward):
     `terms` picks which of background, solid and edges enter the geometric mean (content always
     multiplies): `[background]` is a reward for a clean background alone, which neither the detector
     nor the parity reward sees.
+
+    `colour_named_only` scores 0 for a prompt that names no colour, as the detector's option does: the
+    score depends on the colour drawn (the base draws its reds best), so on colour-free groups it would
+    pull them back to red against the parity reward; on colour-named ones the prompt fixes the colour,
+    and the score ranks a group's images by how well they are drawn.
     """
 
     min_image_size = SIZE
     TERMS = ("background", "solid", "edges")
 
-    def __init__(self, sigma: float = 16.0, terms: Sequence[str] = TERMS):
+    def __init__(self, sigma: float = 16.0, terms: Sequence[str] = TERMS, colour_named_only: bool = False):
         unknown = sorted(set(terms) - set(self.TERMS))
         if unknown or not terms:
             raise ValueError(f"terms {list(terms)}: choose one or more of {', '.join(self.TERMS)}")
         self.sigma, self.chosen = sigma, tuple(terms)
+        self.colour_named_only = bool(colour_named_only)
 
     def terms(self, image: np.ndarray) -> dict:
         x = image.astype(np.float32)
@@ -379,4 +385,6 @@ class ShapesQuality(ImageReward):
         return t["content"] * float(np.prod([t[k] for k in self.chosen])) ** (1 / len(self.chosen))
 
     def score(self, images, prompts):
-        return np.array([self.score_one(im) for im in images])
+        if not self.colour_named_only:
+            return np.array([self.score_one(im) for im in images])
+        return np.array([self.score_one(im) if parse_prompt(p).names_colour else 0.0 for im, p in zip(images, prompts)])
