@@ -144,6 +144,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def cmd_compare(args) -> int:
+    from rlds.compare import compare_table, run_figures
+
+    print(compare_table([run_figures(Path(r)) for r in args.runs]))
+    return 0
+
+
 def cmd_plot(args) -> int:
     from rlds.plot import plot_runs
 
@@ -246,6 +253,18 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", default="curves.png", help="the PNG to write (default: curves.png)")
     plot.add_argument("--smooth", type=positive_int, default=5, help="moving average of training rewards, iterations")
     plot.set_defaults(func=cmd_plot)
+
+    compare = sub.add_parser(
+        "compare", help="runs' held-out evaluations side by side, against the must-hold lines",
+        description="One row a run (its eval/eval.json: the change from the base on the same prompts and "
+                    "seeds; its metrics.jsonl: each training reward's first and last 10 iterations), then "
+                    "each figure's mean ± s.e. over the runs, the worst run and the runs passing its line: "
+                    "composition +8 points, held-out parity -30%, single objects and quality within one "
+                    "standard error of the base's, every training reward rising. E.g. "
+                    "`rlds compare runs/shapes_mix_nft-*`.")
+    compare.add_argument("runs", nargs="+", help="run folders, each with eval/eval.json (from rlds train or "
+                                                 "rlds eval --checkpoint ... --out RUN/eval)")
+    compare.set_defaults(func=cmd_compare)
 
     pre = sub.add_parser(
         "pretrain", help="pretrain the ShapesWorld base model; writes a model folder",
