@@ -101,13 +101,15 @@ def compare_table(runs: list[RunFigures]) -> str:
         for name, value, line, higher, digits in (
                 ("composition", lambda f: f.composition, f"+{COMPOSITION_GAIN:.0f} points", True, 1),
                 ("parity", lambda f: f.parity, f"{PARITY_CHANGE:.0f}%", False, 1),
-                ("single objects", lambda f: f.single, _base_line([f.single_line for f in runs], "{:.1f}%"), True, 1),
+                ("single objects", lambda f: f.single, _base_line([f.single_line for f in runs], "{:.1f}%"),
+                 True, 1),
                 ("quality", lambda f: f.quality, _base_line([f.quality_line for f in runs], "{:.4f}"), True, 4)):
             v = np.array([value(f) for f in runs])
             worst = v.min() if higher else v.max()
             passing = sum(f.checks()[name] for f in runs)
-            lines.append(f"| {name} | {line} | {v.mean():.{digits}f} ± {v.std(ddof=1) / np.sqrt(len(v)):.{digits}f} "
-                         f"| {worst:.{digits}f} | {passing} of {len(runs)} |")
+            se = v.std(ddof=1) / np.sqrt(len(v))
+            lines.append(f"| {name} | {line} | {v.mean():.{digits}f} ± {se:.{digits}f} | {worst:.{digits}f} "
+                         f"| {passing} of {len(runs)} |")
         lines.append(f"\nEvery line holds on {sum(not f.misses() for f in runs)} of {len(runs)} runs "
                      "(each training reward rising too).")
     return "\n".join(lines)

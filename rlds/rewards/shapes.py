@@ -387,4 +387,5 @@ class ShapesQuality(ImageReward):
     def score(self, images, prompts):
         if not self.colour_named_only:
             return np.array([self.score_one(im) for im in images])
-        return np.array([self.score_one(im) if parse_prompt(p).names_colour else 0.0 for im, p in zip(images, prompts)])
+        return np.array([self.score_one(im) if parse_prompt(p).names_colour else 0.0
+                         for im, p in zip(images, prompts)])
